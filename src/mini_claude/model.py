@@ -1,0 +1,410 @@
+"""The transformer, from scratch: norms, positions, attention, MLP, block, KV cache.
+
+This is the network that answers in `mini-claude chat`, not a simplified copy of it. Design choices:
+
+- Pre-norm residual blocks (GPT-2, Llama): `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+- Grouped-query attention (Ainslie et al., 2023): `n_kv_head` key/value heads are shared by
+  `n_head // n_kv_head` query heads each; `n_kv_head == n_head` is ordinary multi-head attention.
+- Rotary position embeddings (Su et al., 2021) in Hugging Face's "rotate half" layout. GGUF stores Llama's
+  q/k rows interleaved instead; `checkpoint.py` undoes that once at load time, so there is one RoPE here.
+- Two attention paths that agree (a test proves it): `attention()` spells out softmax(QK^T/sqrt(d) + mask)V
+  and can return its weights for study; the default path calls `F.scaled_dot_product_attention`, which fuses
+  the same computation.
+- The KV cache is preallocated per layer and indexed by *slot* (a batch row) and *position*. Each sequence
+  owns a slot and writes its keys at its own positions, so sequences of different lengths decode together
+  with no padding inside the cache: a key is visible to a query iff its position is <= the query's.
+  That one rule is the causal mask, the batching mask and the "ignore stale slots" mask at once.
+- Norms compute in float32 and cast back, as the reference implementations do, so bf16 weights stay stable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mini_claude.config import ModelConfig
+
+# --------------------------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019): LayerNorm without centring or bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean) / sqrt(var + eps) * weight + bias (Ba et al., 2016), the GPT-2 family's norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        mean = h.mean(-1, keepdim=True)
+        var = (h - mean).pow(2).mean(-1, keepdim=True)  # biased variance, as in the paper and torch
+        h = (h - mean) * torch.rsqrt(var + self.eps)
+        return (h * self.weight.float() + self.bias.float()).to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
+    return cls(config.dim, config.norm_eps)
+
+
+# ----------------------------------------------------------------------------------------- positions
+
+
+def sinusoidal_positions(n_positions: int, dim: int, base: float = 10_000.0) -> Tensor:
+    """The fixed encoding of "Attention Is All You Need": PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos.
+
+    Returns (n_positions, dim). Added to token embeddings; nothing is learned.
+    """
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]  # (P, 1)
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    angles = pos * inv_freq  # (P, dim/2)
+    pe = torch.zeros(n_positions, dim)
+    pe[:, 0::2] = angles.sin()
+    pe[:, 1::2] = angles.cos()[:, : dim // 2]
+    return pe
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, float] | None = None) -> Tensor:
+    """Per-pair rotation speeds theta_i = base^(-2i/d); optionally Llama 3.1's long-context rescaling.
+
+    Llama 3.1 slows the low frequencies (long wavelengths) by `factor`, keeps the high ones, and blends in
+    between, so a model trained at 8k positions extrapolates to 128k.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(
+    head_dim: int, n_positions: int, base: float, scaling: dict[str, float] | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of every (position, frequency) angle, duplicated to the full head: (n_positions, head_dim)."""
+    inv_freq = rope_inv_freq(head_dim, base, scaling)
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)  # (P, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, hd): pairs are (i, i + hd/2), "rotate half" layout
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: (B, H, T, hd); cos/sin: (B, 1, T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def causal_mask(n_queries: int, n_keys: int | None = None) -> Tensor:
+    """Additive mask, 0 where a query may look and -inf where it may not: (T, S).
+
+    With a cache, queries are the last `n_queries` of `n_keys` positions, so the diagonal shifts right.
+    """
+    n_keys = n_queries if n_keys is None else n_keys
+    allowed = visible_keys(torch.arange(n_keys - n_queries, n_keys)[None], n_keys)[0]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+
+
+def visible_keys(positions: Tensor, n_keys: int) -> Tensor:
+    """Boolean (B, T, S): key position s is visible to the query at positions[b, t] iff s <= that position."""
+    return torch.arange(n_keys, device=positions.device) <= positions[..., None]
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, return_weights: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(d) + mask) v, written out (Vaswani et al., 2017).
+
+    q: (B, H, T, d); k, v: (B, H_kv, S, d) with H a multiple of H_kv (grouped-query attention);
+    mask: additive (0 / -inf), broadcastable to (B, H, T, S), or boolean with True = may attend.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # each key/value head serves `groups` consecutive query heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill(~mask, -math.inf)
+        scores = scores + mask
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = weights @ v  # (B, H, T, d)
+    return (out, weights) if return_weights else out
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, in preallocated (slots, n_kv_head, capacity, head_dim) buffers.
+
+    Capacity grows by doubling up to `max_seq_len`, so a short chat does not pay for an 8k-token context.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_slots: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        capacity: int = 256,
+    ) -> None:
+        self.max_seq_len = config.max_seq_len
+        self.capacity = min(capacity, self.max_seq_len)
+        shape = (n_slots, config.n_kv_head, self.capacity, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+
+    @property
+    def n_slots(self) -> int:
+        return self.k[0].shape[0]
+
+    def reserve(self, length: int) -> None:
+        """Make room for positions [0, length)."""
+        if length > self.max_seq_len:
+            raise ValueError(f"position {length - 1} is past the context window of {self.max_seq_len} tokens")
+        if length <= self.capacity:
+            return
+        new_cap = min(self.max_seq_len, max(length, 2 * self.capacity))
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], new_cap, old.shape[3])
+                new[:, :, : self.capacity] = old
+                buffers[i] = new
+        self.capacity = new_cap
+
+    def update(
+        self, layer: int, k: Tensor, v: Tensor, positions: Tensor, slots: Tensor | None, n_keys: int
+    ) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H_kv, T, d) at `positions` (B, T) of `slots` (B,); return keys [0, n_keys) of those slots."""
+        kc, vc = self.k[layer], self.v[layer]
+        if slots is None and k.shape[0] == 1:  # one sequence in slot 0: contiguous writes, views on read
+            kc[:1].index_copy_(2, positions[0], k)
+            vc[:1].index_copy_(2, positions[0], v)
+            return kc[:1, :, :n_keys], vc[:1, :, :n_keys]
+        rows = torch.arange(k.shape[0]) if slots is None else slots
+        # Advanced indices separated by a slice put their broadcast dims (B, T) first: value is (B, T, H_kv, d).
+        kc[rows[:, None], :, positions] = k.transpose(1, 2)
+        vc[rows[:, None], :, positions] = v.transpose(1, 2)
+        if slots is None:
+            return kc[: k.shape[0], :, :n_keys], vc[: k.shape[0], :, :n_keys]
+        return kc[slots, :, :n_keys], vc[slots, :, :n_keys]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_out, kv_out = config.n_head * config.head_dim, config.n_kv_head * config.head_dim  # type: ignore[operator]
+        self.q_proj = nn.Linear(config.dim, q_out, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, kv_out, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, kv_out, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_out, config.dim, bias=config.out_bias)
+        # Set to True to run the written-out attention and keep its weights in `last_weights` for study.
+        self.record_weights = False
+        self.last_weights: Tensor | None = None
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if ctx.cos is not None:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v, ctx.positions, ctx.slots, ctx.n_keys)  # (B, nkv, S, hd)
+        if self.record_weights:
+            mask = ctx.mask if ctx.mask is not None else visible_keys(ctx.positions, k.shape[2])[:, None]
+            y, self.last_weights = attention(q, k, v, mask, return_weights=True)  # type: ignore[misc]
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.mask, is_causal=ctx.is_causal, enable_gqa=self.n_head != self.n_kv_head
+            )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+# ------------------------------------------------------------------------------------------------ MLP
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer, 2020): down(silu(gate(x)) * up(x)); or GPT-2's down(gelu(up(x)))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+# ---------------------------------------------------------------------------------------------- block
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ForwardContext:
+    """What every layer of one forward pass shares: positions, their RoPE angles, the mask, the cache."""
+
+    __slots__ = ("cache", "cos", "is_causal", "mask", "n_keys", "positions", "sin", "slots")
+
+    def __init__(self, **kwargs: object) -> None:
+        for name in self.__slots__:
+            setattr(self, name, kwargs.get(name))
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        if config.positions == "learned":
+            self.embed_positions = nn.Embedding(config.max_seq_len, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._tables: dict[str, Tensor] = {}  # RoPE / sinusoidal tables, built lazily (works on the meta device)
+
+    # Positions tables are derived data, never saved, and built on first use on the weights' device.
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        if name not in self._tables or self._tables[name].device != device:
+            c = self.config
+            if name in ("cos", "sin"):
+                cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_base, c.rope_scaling)  # type: ignore[arg-type]
+                self._tables["cos"], self._tables["sin"] = cos.to(device), sin.to(device)
+            else:
+                self._tables[name] = sinusoidal_positions(c.max_seq_len, c.dim).to(device)
+        return self._tables[name]
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """GPT-2-style random init: N(0, std) matrices, zero biases, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+
+    def forward(
+        self,
+        idx: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: Tensor | None = None,
+        logits_at: Tensor | None = None,
+    ) -> Tensor:
+        """Logits for token ids `idx` (B, T).
+
+        Args:
+            positions: (B, T) position of each token in its own sequence; default 0..T-1 for every row.
+            cache: keys/values of earlier positions; this call's keys are written into it.
+            slots: (B,) cache row of each sequence; default rows 0..B-1.
+            logits_at: (B,) the one index per row whose logits are wanted (prefill needs only the last),
+                which skips the vocabulary projection for every other position.
+
+        Returns:
+            (B, T, vocab_size) logits, or (B, 1, vocab_size) with `logits_at`.
+        """
+        B, T = idx.shape
+        device = idx.device
+        default_positions = positions is None
+        if positions is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+        if cache is not None:
+            n_keys = int(positions.max()) + 1  # keys are cache positions 0..n_keys-1
+            cache.reserve(n_keys)
+        else:
+            n_keys = T  # keys are this call's tokens
+            if self.config.max_seq_len < T or int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"{T} tokens exceed the context window of {self.config.max_seq_len}")
+        is_causal, mask = self._mask(positions, n_keys, default_positions, with_cache=cache is not None)
+
+        x = self.embed_tokens(idx)  # (B, T, dim)
+        cos = sin = None
+        if self.config.positions == "rope":
+            cos = self._table("cos", device)[positions][:, None].to(x.dtype)  # (B, 1, T, hd)
+            sin = self._table("sin", device)[positions][:, None].to(x.dtype)
+        elif self.config.positions == "learned":
+            x = x + self.embed_positions(positions)
+        else:
+            x = x + self._table("sinusoidal", device)[positions].to(x.dtype)
+
+        ctx = ForwardContext(
+            positions=positions, cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache=cache, slots=slots,
+            n_keys=n_keys,
+        )  # fmt: skip
+        for layer in self.layers:
+            x = layer(x, ctx)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=device), logits_at][:, None]  # (B, 1, dim)
+        return self.lm_head(self.norm(x))
+
+    @staticmethod
+    def _mask(positions: Tensor, n_keys: int, default_positions: bool, with_cache: bool) -> tuple[bool, Tensor | None]:
+        """(is_causal, mask) for SDPA: the cheapest form of "key visible iff its position <= the query's"."""
+        B, T = positions.shape
+        if not with_cache:
+            if default_positions:
+                return True, None
+            return False, (positions[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, T)
+        if T == 1 and bool((positions == n_keys - 1).all()):
+            return False, None  # one new token per row at the end of its keys: everything is visible
+        if B == 1 and n_keys == T and default_positions:
+            return True, None  # prefill from position 0: the fused causal kernel
+        return False, visible_keys(positions, n_keys)[:, None]  # (B, 1, T, S)
+
+    def new_cache(self, n_slots: int = 1, capacity: int = 256) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, n_slots, dtype=p.dtype, device=p.device, capacity=capacity)
