@@ -160,6 +160,8 @@ def quantize_model(
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name in skip:
             continue
+        if ".lora_" in name or name.endswith(".base_layer"):  # LoRA-wrapped layers: merge or remove LoRA first
+            raise ValueError(f"{name} carries a LoRA adapter: merge it (lora.merge_lora) before quantizing")
         K = module.in_features
         if mode == "int8" or name == "lm_head" or K % GROUP_SIZE:
             new: nn.Module = Int8Linear.from_linear(module)

@@ -86,8 +86,9 @@ def make_engine(url: str | URL = DEFAULT_URL, *, echo: bool = False) -> Engine:
     """Create an engine for the store, configured for its backend (see the module docstring).
 
     Args:
-        url: SQLAlchemy URL, e.g. `sqlite:///./mini_claude.db`, `sqlite://` (in memory, one shared connection)
-            or `postgresql+psycopg://user@host:5432/db`. A SQLite file's parent directory is created if missing.
+        url: SQLAlchemy URL, e.g. `sqlite:///./mini_claude.db`, `postgresql+psycopg://user@host:5432/db`, or
+            `sqlite://` (in memory: one connection shared by all threads, for tests). A SQLite file's parent
+            directory is created if missing.
         echo: Log every SQL statement (debugging).
     """
     url = make_url(url)
@@ -288,33 +289,32 @@ def init_db(engine: Engine, *, target_version: int = SCHEMA_VERSION) -> list[int
     """
     if not 0 < target_version <= SCHEMA_VERSION:
         raise ValueError(f"target_version must be in 1..{SCHEMA_VERSION}, got {target_version}")
-    with engine.connect() as connection:
-        with connection.begin():
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INIT_LOCK_KEY})
-            version = get_schema_version(connection)
-            if version is None:
-                existing = set(inspect(connection).get_table_names()) & set(Base.metadata.tables)
-                if existing:
-                    raise RuntimeError(
-                        f"tables {sorted(existing)} exist but there is no schema_version table; "
-                        "this database was not created by init_db and cannot be migrated safely"
-                    )
-                if target_version == SCHEMA_VERSION:
-                    Base.metadata.create_all(connection)
-                    _set_schema_version(connection, SCHEMA_VERSION, insert=True)
-                    logger.info("created database schema at version %d", SCHEMA_VERSION)
-                    return []
-                _set_schema_version(connection, 0, insert=True)
-                version = 0
-            if version > SCHEMA_VERSION:
+    with engine.connect() as connection, connection.begin():
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INIT_LOCK_KEY})
+        version = get_schema_version(connection)
+        if version is None:
+            existing = set(inspect(connection).get_table_names()) & set(Base.metadata.tables)
+            if existing:
                 raise RuntimeError(
-                    f"database schema version {version} is newer than this code's {SCHEMA_VERSION}; upgrade mini-claude"
+                    f"tables {sorted(existing)} exist but there is no schema_version table; "
+                    "this database was not created by init_db and cannot be migrated safely"
                 )
-            applied = list(range(version + 1, target_version + 1))
-            for new_version in applied:
-                MIGRATIONS[new_version - 1](connection)
-                logger.info("migrated database schema to version %d", new_version)
-            if applied:
-                _set_schema_version(connection, target_version, insert=False)
-            return applied
+            if target_version == SCHEMA_VERSION:
+                Base.metadata.create_all(connection)
+                _set_schema_version(connection, SCHEMA_VERSION, insert=True)
+                logger.info("created database schema at version %d", SCHEMA_VERSION)
+                return []
+            _set_schema_version(connection, 0, insert=True)
+            version = 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {version} is newer than this code's {SCHEMA_VERSION}; upgrade mini-claude"
+            )
+        applied = list(range(version + 1, target_version + 1))
+        for new_version in applied:
+            MIGRATIONS[new_version - 1](connection)
+            logger.info("migrated database schema to version %d", new_version)
+        if applied:
+            _set_schema_version(connection, target_version, insert=False)
+        return applied

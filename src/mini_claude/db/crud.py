@@ -1,0 +1,317 @@
+"""Repository functions over the store: plain functions that take a `Session` and return model objects.
+
+Design choices:
+- The caller owns the transaction. Every function works inside the session it is given and at most flushes
+  (so ids, defaults and constraint errors appear at once); committing is `session_scope`'s job, so a route
+  can store a user message and the reply in one unit of work.
+- Absence is `None` (or `False` for a delete) for lookups, and `NotFoundError` only where a missing parent
+  makes the call meaningless (adding a message to an unknown conversation).
+- Exactly-once messages: `add_message(..., idempotency_key=k)` stores at most one message per
+  `(conversation, k)`; a repeat returns the stored message and changes nothing (the first write wins, so a
+  retried or re-streamed reply never appears twice). The conversation row is updated *first* (taking its row
+  lock on PostgreSQL; on SQLite every transaction already holds the write lock), so a concurrent writer with
+  the same key waits and then sees the stored message instead of racing it to the unique index.
+- Lists are paginated with limit/offset: newest first for conversations (by last activity) and jobs, oldest
+  first for messages (conversation order, by `seq`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+
+from .models import (
+    IDEMPOTENCY_KEY_MAX_LENGTH,
+    JOB_STATUSES,
+    ROLES,
+    Conversation,
+    FineTuneJob,
+    Message,
+    utcnow,
+)
+
+DEFAULT_TITLE = "New conversation"
+MAX_PAGE_SIZE = 1000
+
+
+class NotFoundError(LookupError):
+    """The row an operation needs does not exist."""
+
+
+def _check_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be in 1..{MAX_PAGE_SIZE}, got {limit}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+
+
+def _sync_cached(session: Session, conversation_id: str, **values: Any) -> None:
+    """Copy columns changed by a bulk UPDATE onto the session's `Conversation` object, if it holds one.
+
+    Setting them as committed state (rather than expiring them) keeps the object readable after the session
+    closes, which is what `expire_on_commit=False` promises callers.
+    """
+    cached = session.identity_map.get(inspect(Conversation).identity_key_from_primary_key((conversation_id,)))
+    if cached is not None:
+        for name, value in values.items():
+            set_committed_value(cached, name, value)
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+
+
+def create_conversation(
+    session: Session,
+    *,
+    title: str = DEFAULT_TITLE,
+    model: str | None = None,
+    system_prompt: str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Conversation:
+    """Create an empty conversation; `meta` is free-form JSON (e.g. sampling settings or an agent profile)."""
+    now = utcnow()
+    conversation = Conversation(
+        title=title,
+        model=model,
+        system_prompt=system_prompt,
+        meta=dict(meta or {}),
+        last_seq=0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(conversation)
+    session.flush()
+    return conversation
+
+
+def get_conversation(session: Session, conversation_id: str) -> Conversation | None:
+    """The conversation with this id, or None."""
+    return session.get(Conversation, conversation_id)
+
+
+def list_conversations(session: Session, *, limit: int = 20, offset: int = 0) -> list[Conversation]:
+    """One page of conversations, most recently active (created, titled or messaged) first.
+
+    The id breaks ties between equal timestamps, so pages never overlap or skip rows while nothing changes.
+    """
+    _check_page(limit, offset)
+    query = (
+        select(Conversation)
+        .order_by(Conversation.updated_at.desc(), Conversation.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(session.scalars(query))
+
+
+def count_conversations(session: Session) -> int:
+    """How many conversations exist (for a paginated listing's total)."""
+    return session.scalar(select(func.count()).select_from(Conversation)) or 0
+
+
+def update_conversation_title(session: Session, conversation_id: str, title: str) -> Conversation | None:
+    """Rename a conversation (which counts as activity for the listing order); None if it does not exist."""
+    now = utcnow()
+    changed = session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(title=title, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if changed.rowcount == 0:
+        return None
+    _sync_cached(session, conversation_id, title=title, updated_at=now)
+    return session.get(Conversation, conversation_id)
+
+
+def delete_conversation(session: Session, conversation_id: str) -> bool:
+    """Delete a conversation and, through the database's ON DELETE CASCADE, its messages; False if absent."""
+    deleted = session.execute(
+        delete(Conversation)
+        .where(Conversation.id == conversation_id)
+        .execution_options(synchronize_session="evaluate")  # drop it from the session as well
+    )
+    return deleted.rowcount > 0
+
+
+# ---------------------------------------------------------------------------------------------------- messages
+
+
+def add_message(
+    session: Session,
+    conversation_id: str,
+    role: str,
+    content: str,
+    *,
+    idempotency_key: str | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+    model: str | None = None,
+    ttft_ms: float | None = None,
+    duration_ms: float | None = None,
+    finish_reason: str | None = None,
+) -> Message:
+    """Append a message to a conversation, exactly once per `idempotency_key`.
+
+    Args:
+        session: The unit of work to store it in.
+        conversation_id: The conversation to append to.
+        role: "system", "user" or "assistant".
+        content: The message text.
+        idempotency_key: Optional caller-chosen key, unique within the conversation (e.g. the completion id of
+            a reply, or a client's message id). When a message with this key exists it is returned unchanged
+            and nothing is written, so retrying a store is safe.
+        prompt_tokens: Tokens of the prompt that produced this reply.
+        completion_tokens: Tokens generated for this reply.
+        model: The model that produced the reply.
+        ttft_ms: Time to first token.
+        duration_ms: Total generation time.
+        finish_reason: Why generation stopped ("stop", "length", ...).
+
+    Returns:
+        The new message, or the one stored earlier under the same key.
+
+    Raises:
+        ValueError: Unknown role, or an empty or over-long key.
+        NotFoundError: The conversation does not exist.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX_LENGTH:
+        raise ValueError(f"idempotency_key must have 1..{IDEMPOTENCY_KEY_MAX_LENGTH} characters")
+    now = utcnow()
+    # A savepoint, so that finding the key already stored can undo the counter bump below.
+    savepoint = session.begin_nested()
+    try:
+        seq = session.scalar(
+            update(Conversation)
+            .where(Conversation.id == conversation_id)
+            .values(last_seq=Conversation.last_seq + 1, updated_at=now)
+            .returning(Conversation.last_seq)
+            .execution_options(synchronize_session=False)
+        )
+        if seq is None:
+            raise NotFoundError(f"conversation {conversation_id!r} does not exist")
+        stored = None if idempotency_key is None else get_message_by_key(session, conversation_id, idempotency_key)
+        replay_id = None if stored is None else stored.id
+        if replay_id is None:
+            message = Message(
+                conversation_id=conversation_id,
+                seq=seq,
+                role=role,
+                content=content,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                model=model,
+                ttft_ms=ttft_ms,
+                duration_ms=duration_ms,
+                finish_reason=finish_reason,
+                created_at=now,
+                idempotency_key=idempotency_key,
+            )
+            session.add(message)
+            session.flush()
+    except BaseException:
+        if savepoint.is_active:
+            savepoint.rollback()
+        raise
+    if replay_id is not None:
+        savepoint.rollback()
+        # Load it again outside the undone savepoint, where the row is still there (committed, or added
+        # earlier in this same transaction); the object read inside the savepoint may have been expired.
+        replayed = session.get(Message, replay_id)
+        if replayed is None:  # cannot happen: the row predates the savepoint
+            raise RuntimeError(f"message {replay_id!r} vanished while replaying key {idempotency_key!r}")
+        return replayed
+    savepoint.commit()
+    _sync_cached(session, conversation_id, last_seq=seq, updated_at=now)
+    return message
+
+
+def get_message_by_key(session: Session, conversation_id: str, idempotency_key: str) -> Message | None:
+    """The message stored under this key in this conversation, or None (e.g. to answer a retried request)."""
+    query = select(Message).where(
+        Message.conversation_id == conversation_id, Message.idempotency_key == idempotency_key
+    )
+    return session.scalars(query).one_or_none()
+
+
+def list_messages(
+    session: Session, conversation_id: str, *, limit: int | None = None, offset: int = 0
+) -> list[Message]:
+    """A conversation's messages in the order they were added (all of them unless `limit` is given)."""
+    if limit is not None:
+        _check_page(limit, offset)
+    query = select(Message).where(Message.conversation_id == conversation_id).order_by(Message.seq)
+    if limit is not None or offset:
+        query = query.limit(limit).offset(offset)
+    return list(session.scalars(query))
+
+
+# ---------------------------------------------------------------------------------------------- fine-tune jobs
+
+
+def _check_status(status: str) -> None:
+    if status not in JOB_STATUSES:
+        raise ValueError(f"status must be one of {JOB_STATUSES}, got {status!r}")
+
+
+def create_fine_tune_job(session: Session, config: dict[str, Any], *, status: str = "queued") -> FineTuneJob:
+    """Record a requested fine-tuning run with its configuration (free-form JSON)."""
+    _check_status(status)
+    now = utcnow()
+    job = FineTuneJob(status=status, config=dict(config), progress=0.0, created_at=now, updated_at=now)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_fine_tune_job(session: Session, job_id: str) -> FineTuneJob | None:
+    """The job with this id, or None."""
+    return session.get(FineTuneJob, job_id)
+
+
+def list_fine_tune_jobs(session: Session, *, limit: int = 20, offset: int = 0) -> list[FineTuneJob]:
+    """One page of jobs, newest first."""
+    _check_page(limit, offset)
+    query = (
+        select(FineTuneJob).order_by(FineTuneJob.created_at.desc(), FineTuneJob.id.desc()).limit(limit).offset(offset)
+    )
+    return list(session.scalars(query))
+
+
+def update_fine_tune_job(
+    session: Session,
+    job_id: str,
+    *,
+    status: str | None = None,
+    progress: float | None = None,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> FineTuneJob | None:
+    """Record a job's progress or outcome; arguments left as None are not changed. None if the job is absent.
+
+    Raises:
+        ValueError: Unknown status, or progress outside [0, 1].
+    """
+    if status is not None:
+        _check_status(status)
+    if progress is not None and not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress}")
+    job = session.get(FineTuneJob, job_id, with_for_update=True)  # row lock on PostgreSQL; ignored by SQLite
+    if job is None:
+        return None
+    if status is not None:
+        job.status = status
+    if progress is not None:
+        job.progress = progress
+    if result is not None:
+        job.result = dict(result)  # a new object: JSON columns do not track in-place changes
+    if error is not None:
+        job.error = error
+    job.updated_at = utcnow()
+    session.flush()
+    return job
