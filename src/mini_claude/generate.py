@@ -46,7 +46,9 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus: keep the smallest set whose probability reaches p
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or reply (CTRL, 2019)
     seed: int | None = None
-    ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+    # Never end on end-of-sequence: its logit is masked, so exactly max_new_tokens come out (benchmarks,
+    # like transformers' min_new_tokens).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -196,6 +198,8 @@ class BatchGenerator:
         return [self._accept(s, logits[row]) for row, s in enumerate(seqs)]
 
     def _accept(self, seq: SequenceState, logits: Tensor) -> TokenEvent:
+        if seq.params.ignore_eos and self.stop_ids:
+            logits = logits.index_fill(0, torch.tensor(sorted(self.stop_ids), device=logits.device), float("-inf"))
         history = None
         if seq.params.repetition_penalty != 1.0:
             history = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device)
