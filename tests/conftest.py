@@ -94,7 +94,7 @@ def bundled_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hf_bundled(bundled_gguf: Path):  # noqa: ANN201 - transformers types
+def hf_bundled(bundled_gguf: Path):
     """`transformers` loading the bundled GGUF itself (its own dequantizer and tokenizer converter), fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,7 +105,7 @@ def hf_bundled(bundled_gguf: Path):  # noqa: ANN201 - transformers types
 
 
 @pytest.fixture(scope="session")
-def ours_bundled_fp32(bundled_gguf: Path):  # noqa: ANN201
+def ours_bundled_fp32(bundled_gguf: Path):
     from mini_claude.engine import Engine
 
     return Engine.load(bundled_gguf, dtype="float32", quantize="none")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_logits_match_transformers(prompt: str, ours_bundled_fp32: Engine, hf_bundled) -> None:  # noqa: ANN001
+def test_logits_match_transformers(prompt: str, ours_bundled_fp32: Engine, hf_bundled) -> None:
     hf_model, _ = hf_bundled
     ids = ours_bundled_fp32.encode_chat([{"role": "user", "content": prompt}])
     x = torch.tensor([ids])
@@ -24,7 +24,7 @@ def test_logits_match_transformers(prompt: str, ours_bundled_fp32: Engine, hf_bu
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-4)
 
 
-def test_greedy_decoding_matches_transformers(ours_bundled_fp32: Engine, hf_bundled) -> None:  # noqa: ANN001
+def test_greedy_decoding_matches_transformers(ours_bundled_fp32: Engine, hf_bundled) -> None:
     hf_model, _ = hf_bundled
     prompts = [ours_bundled_fp32.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
     for ids in prompts:
@@ -46,7 +46,7 @@ def test_batched_generation_equals_one_by_one_on_the_real_model(ours_bundled_fp3
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_model_stays_close_to_fp32(quantize: str, ours_bundled_fp32: Engine, bundled_gguf) -> None:  # noqa: ANN001
+def test_quantized_model_stays_close_to_fp32(quantize: str, ours_bundled_fp32: Engine, bundled_gguf) -> None:
     """Teacher-forced: on the same token sequence, the quantized model ranks next tokens like fp32 does.
 
     int4 runs the file's own Q4_1 values (only the scale/zero rounding to bf16 differs); bf16 activations

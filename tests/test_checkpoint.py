@@ -183,7 +183,7 @@ def test_damaged_and_missing_checkpoints_raise_checkpoint_error(tmp_path: Path, 
     with pytest.raises(CheckpointError, match="model not found"):
         load_checkpoint(tmp_path / "nope.gguf")
     (tmp_path / "emptydir").mkdir()
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         load_checkpoint(tmp_path / "emptydir")
     bad = tmp_path / "bad"
     bad.mkdir()

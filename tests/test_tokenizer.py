@@ -29,7 +29,7 @@ CONVERSATIONS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS)
-def test_token_ids_match_transformers(text: str, ours_bundled_fp32, hf_bundled) -> None:  # noqa: ANN001
+def test_token_ids_match_transformers(text: str, ours_bundled_fp32, hf_bundled) -> None:
     _, hf_tok = hf_bundled
     assert ours_bundled_fp32.tokenizer.encode(text) == hf_tok.encode(text, add_special_tokens=True)
     assert ours_bundled_fp32.tokenizer.decode(hf_tok.encode(text), skip_special_tokens=False) == text
@@ -37,7 +37,7 @@ def test_token_ids_match_transformers(text: str, ours_bundled_fp32, hf_bundled) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_chat_template_matches_transformers(messages: list[dict[str, str]], ours_bundled_fp32, hf_bundled) -> None:  # noqa: ANN001
+def test_chat_template_matches_transformers(messages: list[dict[str, str]], ours_bundled_fp32, hf_bundled) -> None:
     _, hf_tok = hf_bundled
     ours = ours_bundled_fp32.tokenizer
     ref_text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -48,7 +48,7 @@ def test_chat_template_matches_transformers(messages: list[dict[str, str]], ours
 
 
 @pytest.mark.slow
-def test_special_ids_of_the_bundled_model(ours_bundled_fp32) -> None:  # noqa: ANN001
+def test_special_ids_of_the_bundled_model(ours_bundled_fp32) -> None:
     tok = ours_bundled_fp32.tokenizer
     assert tok.eos_token == "<|im_end|>" and tok.eos_id in tok.stop_ids
     assert tok.add_bos is False  # SmolLM2's GGUF says so; its chat template writes <|im_start|> itself
@@ -57,7 +57,7 @@ def test_special_ids_of_the_bundled_model(ours_bundled_fp32) -> None:  # noqa: A
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS)
-def test_incremental_detokenizer_streams_whole_characters(text: str, ours_bundled_fp32) -> None:  # noqa: ANN001
+def test_incremental_detokenizer_streams_whole_characters(text: str, ours_bundled_fp32) -> None:
     tok = ours_bundled_fp32.tokenizer
     ids = tok.encode(text)
     detok = IncrementalDetokenizer(tok, skip_special_tokens=False)
