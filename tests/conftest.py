@@ -1,8 +1,7 @@
 """Shared fixtures: tiny random checkpoints in Hugging Face's format, and the bundled SmolLM2 file.
 
-Tiny models are written with `transformers` itself (`save_pretrained`), so tests exercise our real
-converters on the exact files a user would have. The bundled model is required: it is installed by
-`make setup`, and tests that need it fail loudly rather than skip when it is missing.
+The bundled model is required: it is installed by `make setup`, and tests that need it fail loudly rather
+than skip when it is missing.
 """
 
 from __future__ import annotations
@@ -11,79 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer as BPETokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
+from helpers import make_hf_model, save_hf
 from mini_claude.catalog import bundled_model_path
-
-TINY_VOCAB = 272  # 256 byte tokens + specials + room, a multiple of 16
-
-
-def tiny_tokenizer() -> BPETokenizer:
-    """A byte-level BPE with no merges: every byte is a token, plus ChatML specials."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = BPETokenizer(models.BPE(vocab, [], fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    return tok
-
-
-def write_tiny_tokenizer(path: Path) -> None:
-    import json
-
-    tiny_tokenizer().save(str(path / "tokenizer.json"))
-    cfg = {"bos_token": None, "eos_token": "<|im_end|>", "add_bos_token": False}
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
-
-
-def _save_hf(model: torch.nn.Module, path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    write_tiny_tokenizer(path)
-    return path
-
-
-def make_hf_model(kind: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random `transformers` model of the family `kind` (llama with GQA, qwen2 with biases, gpt2)."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    if kind == "llama":
-        cfg = tf.LlamaConfig(
-            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-        )  # fmt: skip
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10_000.0}
-        model = tf.LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = tf.Qwen2Config(
-            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
-            tie_word_embeddings=True,
-        )  # fmt: skip
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 1_000_000.0}
-        model = tf.Qwen2ForCausalLM(cfg)
-    elif kind == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
-        model = tf.GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(kind)
-    # Random non-trivial norms and biases, so a mapping mistake in either cannot hide behind ones and zeros.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name or "ln_" in name else 0.0))
-    return model.eval()
 
 
 @pytest.fixture(params=["llama", "qwen2", "gpt2"])
 def hf_tiny(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     """(transformers model, its saved dir) for each family."""
     model = make_hf_model(request.param)
-    return model, _save_hf(model, tmp_path / request.param)
+    return model, save_hf(model, tmp_path / request.param)
 
 
 @pytest.fixture(scope="session")

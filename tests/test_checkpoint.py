@@ -11,7 +11,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from conftest import TINY_VOCAB, make_hf_model, tiny_tokenizer, write_tiny_tokenizer
+from helpers import TINY_VOCAB, make_hf_model, tiny_tokenizer, write_tiny_tokenizer
 from mini_claude.checkpoint import CheckpointError, load_checkpoint, load_model, save_model_dir
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mini_claude.checkpoint import load_model
-from mini_claude.generate import BatchGenerator, ContextOverflowError, SamplingParams, SequenceState
+from mini_claude.generate import BatchGenerator, ContextOverflowError, SamplingParams, SequenceState, TokenEvent
 from mini_claude.model import Transformer
 from mini_claude.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -191,47 +191,13 @@ class Engine:
         fitted = [self.fit_prompt(list(p), truncate) for p in prompts]
         gen = BatchGenerator(self.model, n_slots=len(prompts), stop_ids=self.tokenizer.stop_ids)
         seqs = [gen.new_sequence(ids, sp) for (ids, _), sp in zip(fitted, per_prompt, strict=True)]
-        state = {
-            id(s): _SeqText(i, IncrementalDetokenizer(self.tokenizer), StopStringMatcher(stop), fitted[i][1])
-            for i, s in enumerate(seqs)
-        }
         start = time.perf_counter()
+        texts = {id(s): TextAssembler(self.tokenizer, i, stop, fitted[i][1], start) for i, s in enumerate(seqs)}
         events = gen.add(seqs)
         while events:
-            now = time.perf_counter()
             for ev in events:
-                st = state[id(ev.seq)]
-                st.times.append(now)
-                text = ""
-                if ev.token_id is not None and ev.token_id not in ev.seq.stop_ids:
-                    text, hit = st.matcher.feed(st.detok.push(ev.token_id))
-                    if hit:
-                        gen.finish(ev.seq, "stop")
-                        st.stopped_by_string = True
-                if ev.seq.finished:
-                    if not st.stopped_by_string:
-                        text += st.matcher.feed(st.detok.flush())[0] + st.matcher.flush()
-                    st.text.append(text)
-                    yield TextChunk(st.index, text, [ev.token_id] if ev.token_id is not None else [],
-                                    ev.seq.finish_reason, self._completion(ev.seq, st, start))  # fmt: skip
-                else:
-                    st.text.append(text)
-                    yield TextChunk(st.index, text, [ev.token_id] if ev.token_id is not None else [])
+                yield texts[id(ev.seq)].on_event(ev, gen)
             events = gen.step()
-
-    def _completion(self, seq: SequenceState, st: _SeqText, start: float) -> Completion:
-        ids = [t for t in seq.output_ids if t not in seq.stop_ids]
-        first, last = st.times[0], st.times[-1]
-        rate = (len(st.times) - 1) / (last - first) if len(st.times) > 1 and last > first else 0.0
-        return Completion(
-            text="".join(st.text),
-            prompt_ids=seq.prompt_ids,
-            completion_ids=ids,
-            finish_reason=seq.finish_reason or "stop",
-            ttft_ms=(first - start) * 1000,
-            decode_tokens_per_s=rate,
-            truncated_prompt_tokens=st.truncated,
-        )
 
     def complete(
         self,
@@ -256,12 +222,49 @@ class Engine:
         return self.stream([self.encode_chat(messages)], params, stop)
 
 
-@dataclass
-class _SeqText:
-    index: int
-    detok: IncrementalDetokenizer
-    matcher: StopStringMatcher
-    truncated: int
-    text: list[str] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    stopped_by_string: bool = False
+class TextAssembler:
+    """Turns one sequence's token events into `TextChunk`s: detokenization, stop strings, timings, the result.
+
+    Shared by `Engine.stream` and the server's scheduler, so every front end sees the same text.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, index: int, stop: Sequence[str], truncated: int, start: float) -> None:
+        self.index = index
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.matcher = StopStringMatcher(stop)
+        self.truncated = truncated
+        self.start = start
+        self.text: list[str] = []
+        self.times: list[float] = []
+        self.stopped_by_string = False
+
+    def on_event(self, ev: TokenEvent, gen: BatchGenerator) -> TextChunk:
+        self.times.append(time.perf_counter())
+        text = ""
+        if ev.token_id is not None and ev.token_id not in ev.seq.stop_ids:
+            text, hit = self.matcher.feed(self.detok.push(ev.token_id))
+            if hit:
+                gen.finish(ev.seq, "stop")
+                self.stopped_by_string = True
+        ids = [ev.token_id] if ev.token_id is not None else []
+        if not ev.seq.finished:
+            self.text.append(text)
+            return TextChunk(self.index, text, ids)
+        if not self.stopped_by_string:
+            text += self.matcher.feed(self.detok.flush())[0] + self.matcher.flush()
+        self.text.append(text)
+        return TextChunk(self.index, text, ids, ev.seq.finish_reason, self.completion(ev.seq))
+
+    def completion(self, seq: SequenceState) -> Completion:
+        ids = [t for t in seq.output_ids if t not in seq.stop_ids]
+        first, last = (self.times[0], self.times[-1]) if self.times else (self.start, self.start)
+        rate = (len(self.times) - 1) / (last - first) if len(self.times) > 1 and last > first else 0.0
+        return Completion(
+            text="".join(self.text),
+            prompt_ids=seq.prompt_ids,
+            completion_ids=ids,
+            finish_reason=seq.finish_reason or "stop",
+            ttft_ms=(first - self.start) * 1000,
+            decode_tokens_per_s=rate,
+            truncated_prompt_tokens=self.truncated,
+        )

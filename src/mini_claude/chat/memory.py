@@ -101,8 +101,11 @@ class ConversationMemory:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+        except OSError as exc:
+            raise ConversationFileError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path
 
     @classmethod
@@ -111,7 +114,15 @@ class ConversationMemory:
     ) -> ConversationMemory:
         if not isinstance(data, dict) or not isinstance(data.get("messages", []), list):
             raise ConversationFileError('a conversation is a JSON object with a "messages" list')
-        memory = cls(data.get("system_prompt"), data.get("max_turns", 20), data.get("max_tokens"), count_tokens)
+        max_turns, max_tokens = data.get("max_turns", 20), data.get("max_tokens")
+        if not isinstance(max_turns, int) or isinstance(max_turns, bool) or max_turns < 1:
+            raise ConversationFileError(f'"max_turns" must be a positive integer, not {max_turns!r}')
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
+            raise ConversationFileError(f'"max_tokens" must be an integer or null, not {max_tokens!r}')
+        system = data.get("system_prompt")
+        if system is not None and not isinstance(system, str):
+            raise ConversationFileError('"system_prompt" must be a string or null')
+        memory = cls(system, max_turns, max_tokens, count_tokens)
         for i, m in enumerate(data.get("messages", [])):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
                 raise ConversationFileError(f'message {i} needs a "role" and a string "content"')
@@ -125,6 +136,8 @@ class ConversationMemory:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConversationFileError(f"no such file: {path}") from None
+        except OSError as exc:
+            raise ConversationFileError(f"cannot read {path}: {exc.strerror or exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConversationFileError(f"{path} is not a JSON conversation ({exc})") from None
         return cls.from_dict(data, count_tokens)

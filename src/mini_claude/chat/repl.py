@@ -87,7 +87,10 @@ class ChatREPL:
             if not arg:
                 self.say(f"(Usage: {name} FILE)")
             elif name == "/save":
-                self.say(f"(Saved {len(self.memory.history)} messages to {self.memory.save(arg)}.)")
+                try:
+                    self.say(f"(Saved {len(self.memory.history)} messages to {self.memory.save(arg)}.)")
+                except ConversationFileError as exc:
+                    self.say(f"(Could not save: {exc})")
             else:
                 try:
                     loaded = ConversationMemory.load(arg, self._count_tokens)

@@ -1,0 +1,89 @@
+"""Continuous batching: concurrent requests through one scheduler give what each would get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from tokenizers import Tokenizer as BPETokenizer
+
+from helpers import TINY_VOCAB, tiny_tokenizer
+from mini_claude.config import PRESETS
+from mini_claude.engine import Engine
+from mini_claude.generate import ContextOverflowError, SamplingParams
+from mini_claude.model import Transformer
+from mini_claude.scheduler import Scheduler
+from mini_claude.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    config = PRESETS["tiny-llama"].replace(vocab_size=TINY_VOCAB, max_seq_len=128)
+    model = Transformer(config)
+    model.init_weights(std=0.8, generator=torch.Generator().manual_seed(0))
+    backend: BPETokenizer = tiny_tokenizer()
+    return Engine(model.eval(), Tokenizer(backend, eos_token="<|im_end|>"), "tiny")
+
+
+PROMPTS = ["hello there", "a", "the quick brown fox jumps", "12345", "zzz", "Once upon a time", "x y", "emoji 🎉"]
+
+
+def alone(engine: Engine, prompt: str, params: SamplingParams) -> str:
+    return engine.complete(engine.encode_text(prompt), params).text
+
+
+def test_concurrent_threads_get_what_they_would_get_alone(engine: Engine) -> None:
+    params = [SamplingParams(temperature=0, max_new_tokens=5 + 3 * i) for i in range(len(PROMPTS))]
+    params[3] = SamplingParams(temperature=1.0, seed=7, max_new_tokens=12)  # sampled and seeded
+    expected = [alone(engine, p, sp) for p, sp in zip(PROMPTS, params, strict=True)]
+    scheduler = Scheduler(engine, max_batch=4)  # fewer slots than requests: some must wait their turn
+    results: dict[int, str] = {}
+
+    def client(i: int) -> None:
+        handle = scheduler.submit(engine.encode_text(PROMPTS[i]), params[i])
+        results[i] = "".join(chunk.text for chunk in handle)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    scheduler.close()
+    assert [results[i] for i in range(len(PROMPTS))] == expected
+    assert max(scheduler.stats.batch_sizes) > 1, "requests were never decoded together"
+
+
+def test_async_clients_and_cancellation(engine: Engine) -> None:
+    scheduler = Scheduler(engine, max_batch=8)
+
+    async def main() -> tuple[list[str], str | None]:
+        loop = asyncio.get_running_loop()
+        params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+
+        async def collect(prompt: str) -> str:
+            handle = scheduler.submit(engine.encode_text(prompt), params, loop=loop)
+            return "".join([c.text async for c in handle])
+
+        long = scheduler.submit(engine.encode_text("cancel me"), SamplingParams(max_new_tokens=100), loop=loop)
+        async for _ in long:
+            long.cancel()
+        texts = await asyncio.gather(*(collect(p) for p in PROMPTS[:4]))
+        return texts, long.final.finish_reason if long.final else None
+
+    texts, reason = asyncio.run(main())
+    scheduler.close()
+    params = SamplingParams(temperature=0, max_new_tokens=20, ignore_eos=True)
+    assert texts == [alone(engine, p, params) for p in PROMPTS[:4]]
+    assert reason == "cancelled"
+
+
+def test_a_prompt_that_cannot_fit_is_refused_at_submit(engine: Engine) -> None:
+    scheduler = Scheduler(engine)
+    with pytest.raises(ContextOverflowError):
+        scheduler.submit(list(range(10)) * 20)
+    handle = scheduler.submit(list(range(10)) * 20, SamplingParams(max_new_tokens=3), truncate=True)
+    final = [c for c in handle][-1]
+    scheduler.close()
+    assert final.completion is not None and final.completion.truncated_prompt_tokens == 200 - 127
