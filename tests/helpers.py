@@ -13,7 +13,6 @@ import torch
 from tokenizers import Tokenizer as BPETokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-
 TINY_VOCAB = 272  # 256 byte tokens + specials + room, a multiple of 16
 
 
