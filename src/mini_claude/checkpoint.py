@@ -452,13 +452,19 @@ def build_model(config: ModelConfig, state_dict: dict[str, Tensor]) -> Transform
 
 
 def load_model(
-    path: str | Path,
-    dtype: torch.dtype = torch.float32,
-    progress: Progress | None = None,
-    quantize: str = "none",
+    path: str | Path, dtype: torch.dtype = torch.float32, progress: Progress | None = None, quantize: str = "none"
 ) -> tuple[Transformer, Tokenizer, str]:
-    """Load a checkpoint into a ready model; `quantize` is "none", "int8" or "int4" (see `quantize.py`)."""
-    ckpt = load_checkpoint(path, dtype, progress, keep_int4=quantize == "int4")
+    """Load a checkpoint into a ready model.
+
+    `quantize` is "none", "int8", "int4" (see `quantize.py`) or "auto": int4 when the file already stores 4-bit
+    weights (so nothing is lost), int8 otherwise (near-lossless), and dense when the CPU has no native bf16, which
+    the low-bit kernels compute in.
+    """
+    if quantize == "auto" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        quantize = "none"
+    ckpt = load_checkpoint(path, dtype, progress, keep_int4=quantize in ("int4", "auto"))
+    if quantize == "auto":
+        quantize = "int4" if ckpt.int4_blocks else "int8"
     model = build_model(ckpt.config, ckpt.state_dict)
     quantize_model(model, quantize, ckpt.int4_blocks)
     return model, ckpt.tokenizer, ckpt.name

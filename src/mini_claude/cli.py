@@ -68,7 +68,7 @@ def load_engine(
         config = engine.model.config
         console.print(
             f"[dim]{engine.name}: {config.n_params / 1e6:.0f}M parameters, {config.n_layer} layers, "
-            f"context {config.max_seq_len}, {kwargs['quantize']} weights, "
+            f"context {config.max_seq_len}, {(config.quantization or {}).get('mode', 'dense')} weights, "
             f"loaded in {time.perf_counter() - start:.1f}s[/dim]"
         )
     return engine
@@ -86,7 +86,7 @@ def chat(
     max_turns: int | None = None,
     load: str | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
-    quantize: Literal["none", "int8", "int4"] | None = None,
+    quantize: Literal["auto", "none", "int8", "int4"] | None = None,
     threads: int | None = None,
 ) -> None:
     """Chat with a model in the terminal: replies stream as they are generated.
@@ -106,7 +106,7 @@ def chat(
         max_turns: most recent user turns kept in the context.
         load: a conversation JSON file (from /save) to continue.
         dtype: compute dtype; auto picks bf16 where the CPU supports it.
-        quantize: weight format; int4 is fastest on CPU, none keeps dense weights.
+        quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
     """
     from mini_claude.chat.repl import ChatREPL
@@ -138,7 +138,7 @@ def generate(
     json: bool = False,
     truncate: bool = False,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
-    quantize: Literal["none", "int8", "int4"] | None = None,
+    quantize: Literal["auto", "none", "int8", "int4"] | None = None,
     threads: int | None = None,
 ) -> None:
     """Generate one reply to PROMPT and exit (text streams to stdout; --json prints one object at the end).
@@ -158,7 +158,7 @@ def generate(
         json: print one JSON object with the text, token ids, counts, finish reason and timings.
         truncate: drop the oldest prompt tokens that do not fit the context (reported) instead of failing.
         dtype: compute dtype; auto picks bf16 where the CPU supports it.
-        quantize: weight format; int4 is fastest on CPU, none keeps dense weights.
+        quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
     """
     settings = Settings()

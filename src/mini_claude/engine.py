@@ -141,7 +141,7 @@ class Engine:
         dtype: str = "auto",
         threads: int | None = None,
         progress: Callable[[int, int], None] | None = None,
-        quantize: str = "none",
+        quantize: str = "auto",
         name: str | None = None,
     ) -> Engine:
         """Load a checkpoint (see `checkpoint.load_checkpoint`); `name` is how front ends will refer to it."""

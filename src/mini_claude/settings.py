@@ -17,9 +17,10 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="Default model: a .gguf file, a model dir, or a name from `models`.")
     model_paths: list[str] = Field(default_factory=list, description="Extra model files/dirs listed by `models`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # int4 runs the decode matmuls on 4-bit weights (the bundled file is 4-bit already), which is what makes
-    # CPU decoding fast; "none" keeps dense weights (exact reference numerics).
-    quantize: Literal["none", "int8", "int4"] = "int4"
+    # Decoding on a CPU is bound by bytes of weights read per token, so low-bit weights are what make it fast.
+    # "auto": int4 when the file is 4-bit already (the bundled one), int8 otherwise; "none" keeps dense weights
+    # (exact reference numerics).
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
     threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's choice).")
     max_tokens: int = Field(512, ge=1, description="Default cap on generated tokens per reply.")
     system_prompt: str | None = None
