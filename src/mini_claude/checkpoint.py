@@ -377,6 +377,9 @@ def save_model_dir(path: str | Path, model: Transformer, tokenizer: Tokenizer, n
     """Write `config.json` + `model.safetensors` + tokenizer files: a dir that describes itself."""
     from safetensors.torch import save_file
 
+    if model.config.quantization:
+        # Packed low-bit layouts are kernel-specific; low-bit weights are made at load time (`quantize=`).
+        raise ValueError("save the dense model: quantization is applied when a model is loaded, not stored")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {
