@@ -22,9 +22,7 @@ FORBIDDEN = ["fastapi", "starlette", "uvicorn", "gradio", "sqlalchemy", "psycopg
 
 def test_core_imports_no_web_ui_or_database_library() -> None:
     code = (
-        "import sys\n"
-        f"for m in {CORE!r}: __import__(m)\n"
-        f"print(sorted(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
+        f"import sys\nfor m in {CORE!r}: __import__(m)\nprint(sorted(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"the core pulled in {out.strip()}"

@@ -430,6 +430,8 @@ def load_checkpoint(
         meta = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_file} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object")
     if meta.get("format") == FORMAT_NAME:
         return load_own_dir(path, dtype, progress)
     return load_hf_dir(path, dtype, progress)

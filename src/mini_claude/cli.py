@@ -67,11 +67,15 @@ def load_engine(
     if not quiet:
         config = engine.model.config
         console.print(
-            f"[dim]{engine.name}: {config.n_params / 1e6:.0f}M parameters, {config.n_layer} layers, "
+            f"[dim]{engine.name}: {_count(config.n_params)} parameters, {config.n_layer} layers, "
             f"context {config.max_seq_len}, {(config.quantization or {}).get('mode', 'dense')} weights, "
             f"loaded in {time.perf_counter() - start:.1f}s[/dim]"
         )
     return engine
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 def chat(
@@ -173,6 +177,8 @@ def generate(
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = engine.encode_chat(messages)
+    if not ids:
+        raise UserError("the prompt is empty")
     completion = None
     for chunk in engine.stream([ids], params, stops, truncate=truncate):
         if not json:

@@ -148,8 +148,11 @@ class Engine:
         if threads:
             torch.set_num_threads(threads)
         with _eager_memory_release():
-            model, tokenizer, _ = load_model(source, resolve_dtype(dtype), progress, quantize)
-        return cls(model, tokenizer, name or Path(source).name.removesuffix(".gguf"), str(source))
+            model, tokenizer, saved_name = load_model(source, resolve_dtype(dtype), progress, quantize)
+        path = Path(source)
+        return cls(
+            model, tokenizer, name or (saved_name if path.is_dir() else path.name.removesuffix(".gguf")), str(source)
+        )
 
     @property
     def context_window(self) -> int:
