@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mini_claude.config import ModelConfig
 from mini_claude.model import Transformer
-from mini_claude.quantize import Int4Blocks, dequantize_int4, quantize_model
+from mini_claude.quantize import Int4Blocks, quantize_model
 from mini_claude.tokenizer import Tokenizer
 
 FORMAT_NAME = "mini-claude"
@@ -108,8 +108,8 @@ def gguf_int4_blocks(data: np.ndarray, kind: str) -> Int4Blocks:
 
 
 def _dequantize_rows(data: np.ndarray, kind: Any, path: Path, name: str) -> Tensor:
-    """Dense float32 values of some rows of a GGUF tensor. Q8_0 (the usual embedding type) and Q4_0/Q4_1
-    have direct paths; every other type goes through `gguf.quants.dequantize`."""
+    """Dense float32 values of some rows of a GGUF tensor. Q8_0 (the usual embedding type) has a direct path;
+    every other type goes through `gguf.quants.dequantize`."""
     import gguf
 
     if kind.name == "Q8_0":  # blocks of fp16 d + 32 int8: w = d * q
@@ -117,9 +117,6 @@ def _dequantize_rows(data: np.ndarray, kind: Any, path: Path, name: str) -> Tens
         d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)).float()  # (N, K/32, 1)
         q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).float()  # (N, K/32, 32)
         return (q * d).reshape(data.shape[0], -1)
-    if kind.name in ("Q4_0", "Q4_1"):
-        b = gguf_int4_blocks(np.asarray(data), kind.name)
-        return dequantize_int4(b.q, b.scales, b.zeros)
     try:
         array = gguf.quants.dequantize(data, kind)
     except NotImplementedError:
