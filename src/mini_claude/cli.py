@@ -220,4 +220,46 @@ def models(json: bool = False) -> None:
     Console().print(table)
 
 
-COMMANDS = {"chat": chat, "generate": generate, "models": models}
+def serve(
+    model: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    database_url: str | None = None,
+    max_batch_size: int | None = None,
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
+    quantize: Literal["auto", "none", "int8", "int4"] | None = None,
+    threads: int | None = None,
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with stored conversations (and the web UI if installed).
+
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /v1/conversations, /health, /metrics, the
+    WebSocket /chat/stream, and the API docs at /docs. Set MINI_CLAUDE_API_KEYS to require bearer keys.
+
+    Args:
+        model: a .gguf file, a model dir, or a name from `mini-claude models` (default: settings, then bundled).
+        host: interface to listen on (default 127.0.0.1: only this machine; 0.0.0.0 for every interface).
+        port: TCP port (default 8000).
+        database_url: where conversations are stored (default sqlite:///./mini_claude.db; PostgreSQL via
+            postgresql+psycopg://user@host/db).
+        max_batch_size: most sequences decoded together (continuous batching).
+        dtype: compute dtype; auto picks bf16 where the CPU supports it.
+        quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
+        threads: CPU threads for the matrix kernels.
+        log_level: uvicorn's log level.
+    """
+    import uvicorn
+
+    from mini_claude.server import create_app
+
+    overrides = {"model": model, "host": host, "port": port, "database_url": database_url,
+                 "max_batch_size": max_batch_size}  # fmt: skip
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    engine = load_engine(settings.model, settings, dtype, quantize, threads)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        print(f"warning: listening on {settings.host} without MINI_CLAUDE_API_KEYS: anyone who can reach it can use it",
+              file=sys.stderr)  # fmt: skip
+    uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level)
+
+
+COMMANDS = {"chat": chat, "generate": generate, "models": models, "serve": serve}

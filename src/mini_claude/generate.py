@@ -83,6 +83,7 @@ def process_logits(logits: Tensor, params: SamplingParams, history: Tensor | Non
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # tokens after the set already reached top_p
+        drop[0] = False  # the most likely token always stays, however small top_p is
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 

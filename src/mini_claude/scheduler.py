@@ -95,6 +95,7 @@ class SchedulerStats:
     waiting: int = 0
     running: int = 0
     finished: int = 0
+    cancelled: int = 0
     steps: int = 0
     tokens: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # decode batch size -> number of steps
@@ -133,6 +134,11 @@ class Scheduler:
             self._wake.notify()
         return handle
 
+    @property
+    def alive(self) -> bool:
+        """Whether the decode loop is running (health checks)."""
+        return self._thread.is_alive() and not self._closed
+
     def close(self, timeout: float = 5.0) -> None:
         with self._wake:
             self._closed = True
@@ -151,6 +157,10 @@ class Scheduler:
                     break
                 admitted = [self._pending.popleft() for _ in range(min(gen.n_free, len(self._pending)))]
                 self.stats.waiting = len(self._pending)
+            for p in [p for p in admitted if p.handle.cancelled]:  # gave up while waiting: no prefill for it
+                admitted.remove(p)
+                p.handle._put(_DONE)
+                self.stats.cancelled += 1
             try:
                 self._cancel(gen, active)
                 new = []
@@ -189,6 +199,7 @@ class Scheduler:
                 handle._put(_DONE)
                 del active[key]
                 self.stats.finished += 1
+                self.stats.cancelled += 1
 
     def _dispatch(self, events: list, gen: BatchGenerator, active: dict) -> None:  # type: ignore[type-arg]
         for ev in events:

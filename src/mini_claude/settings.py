@@ -5,10 +5,11 @@ Command-line flags override these per run; everything that has a default for the
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -25,3 +26,29 @@ class Settings(BaseSettings):
     max_tokens: int = Field(512, ge=1, description="Default cap on generated tokens per reply.")
     system_prompt: str | None = None
     memory_max_turns: int = Field(20, ge=1)
+
+    # ---------------------------------------------------------------------------------------- the server
+    database_url: str = Field(
+        "sqlite:///./mini_claude.db",
+        description="Where conversations are stored: SQLite by default, e.g. postgresql+psycopg://user@host/db.",
+    )
+    # NoDecode: the variable is a plain comma-separated list ("key1,key2"), not JSON; see `_split_keys`.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="If set, every route but /health needs `Authorization: Bearer <one of these>`.",
+    )
+    host: str = "127.0.0.1"  # loopback: exposing the server is a decision, not a default
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together by the scheduler.")
+    ui: bool = Field(True, description="Mount the web UI at /ui (when its dependencies are installed).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        """Accept `MINI_CLAUDE_API_KEYS=a,b` (and a JSON list); blanks are dropped so `""` means no auth."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list | tuple):
+            return [str(k).strip() for k in value if str(k).strip()]
+        return value

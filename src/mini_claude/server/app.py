@@ -1,0 +1,192 @@
+"""`create_app(settings, engine=None)`: the FastAPI app, its lifespan, error shapes and request metrics.
+
+Design choices:
+- The lifespan loads the model once (or takes the engine it was given: tests pass a tiny random one),
+  opens the database (`init_db` creates or migrates the schema) and starts the one `Scheduler`. The
+  `ChatService` exists before that, so the web UI can be mounted on it when the app is created.
+- Every error leaves in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: validation
+  errors (including malformed JSON) are 400 `invalid_request_error`, as OpenAI answers them, not FastAPI's
+  422; unknown paths and methods keep their 404/405; anything unexpected is a 500 with a generic message
+  (the traceback goes to the log, never to the client).
+- With API keys set, the web UI at /ui asks for one too: a browser cannot add a bearer header to the page's
+  own requests, so the UI accepts HTTP Basic auth (any user name, an API key as the password), for which
+  browsers show a login prompt and then send with every request of the page.
+- Request metrics come from a small ASGI middleware that reads the matched route's template after routing,
+  so streamed responses are timed to their last byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, resolve_model
+from mini_claude.db import init_db, make_engine
+from mini_claude.engine import Engine
+from mini_claude.server import routes
+from mini_claude.server.metrics import Metrics
+from mini_claude.server.protocol import ErrorDetail, ErrorResponse
+from mini_claude.server.serving import APIError, ChatService, validation_error
+from mini_claude.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The model named by the settings (the bundled one by default), as `mini-claude serve` loads it."""
+    path = resolve_model(settings.model)
+    name = BUNDLED_NAME if path == bundled_model_path() else path.name.removesuffix(".gguf")
+    return Engine.load(path, dtype=settings.dtype, quantize=settings.quantize, threads=settings.threads, name=name)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the server. The model loads when the app starts (its lifespan), unless `engine` is given."""
+    settings = settings or Settings()
+    service = ChatService(settings, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = engine if engine is not None else await anyio.to_thread.run_sync(load_engine, settings)
+        database = make_engine(settings.database_url)
+        try:
+            await anyio.to_thread.run_sync(init_db, database)
+            service.start(loaded, database)
+            log.info("serving %s (context %d)", loaded.name, loaded.context_window)
+            yield
+        finally:
+            service.stop()
+            database.dispose()
+
+    app = FastAPI(
+        title="Mini-Claude", version="0.1.0", lifespan=lifespan,
+        description="OpenAI-compatible chat and completions over a from-scratch engine, with stored conversations.",
+    )  # fmt: skip
+    app.state.service = service
+    app.state.settings = settings
+    app.include_router(routes.public)
+    app.include_router(routes.api)
+    _add_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)
+
+    ui = settings.ui and _mount_ui(app, service)
+    if ui and settings.api_keys:
+        app.add_middleware(UIAuthMiddleware, service=service)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> RedirectResponse:
+        return RedirectResponse("/ui" if ui else "/docs")
+
+    return app
+
+
+def _mount_ui(app: FastAPI, service: ChatService) -> bool:
+    """Mount the web UI at /ui when its package (and Gradio) is installed; the API works without it."""
+    try:
+        from mini_claude.ui import mount_ui  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    mount_ui(app, service)
+    return True
+
+
+def _error(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body().model_dump(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = validation_error(exc.errors())
+        return JSONResponse(error.body().model_dump(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404:
+            message = f"Unknown path: {request.method} {request.url.path}"
+        detail = ErrorDetail(message=message, type=kind, code=HTTP_ERROR_CODES.get(exc.status_code))
+        return _error(exc.status_code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        detail = ErrorDetail(message="The server had an error processing your request.", type="server_error")
+        return _error(500, detail)
+
+
+class UIAuthMiddleware:
+    """Requires an API key (Basic password or Bearer token) for everything under `prefix` (the web UI)."""
+
+    def __init__(self, app: ASGIApp, service: ChatService, prefix: str = "/ui") -> None:
+        self.app, self.service, self.prefix = app, service, prefix
+
+    def _token(self, scope: Scope) -> str:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                return ""
+        return value.strip() if scheme.lower() == "bearer" else ""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        guarded = path == self.prefix or path.startswith(self.prefix + "/")
+        if scope["type"] not in ("http", "websocket") or not guarded or self.service.authorized(self._token(scope)):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            headers = {"WWW-Authenticate": 'Basic realm="mini-claude", charset="UTF-8"'}
+            await PlainTextResponse("Log in with any user name and an API key as the password.", 401, headers)(
+                scope, receive, send
+            )
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by route template and status (see `metrics.py`)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(template, scope["method"], status, time.perf_counter() - start)

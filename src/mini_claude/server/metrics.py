@@ -1,0 +1,89 @@
+"""Prometheus metrics of one app: HTTP traffic, generation speed and the scheduler's state.
+
+Design choices:
+- A `CollectorRegistry` per app instead of prometheus-client's global one: tests (and anyone embedding the
+  server) can create several apps in one process without "duplicated timeseries" errors, and `/metrics`
+  shows exactly one app's numbers.
+- Route labels are route *templates* (`/v1/conversations/{conversation_id}`), never raw paths, and unknown
+  paths share one label, so a scanner cannot blow up the number of time series.
+- Generation numbers come from each finished sequence's `Completion` (time to first token, decode rate,
+  token counts), the same numbers the CLI's `--json` prints. Scheduler gauges are read at scrape time.
+- Nothing here knows FastAPI: the app's middleware calls `observe_request`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mini_claude.engine import Completion
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mini_claude_http_requests", "HTTP requests by route template, method and status.",
+            ["route", "method", "status"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "mini_claude_http_request_duration_seconds", "Time from request to the last byte of the response.",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("mini_claude_http_requests_in_flight", "HTTP requests being served.", registry=r)
+        self.errors = Counter(
+            "mini_claude_errors", "Error responses and failed generations by type.", ["type"], registry=r
+        )
+        self.ttft = Histogram(
+            "mini_claude_time_to_first_token_seconds", "From submitting a prompt to its first new token.",
+            buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.decode_rate = Histogram(
+            "mini_claude_decode_tokens_per_second", "Per sequence: tokens/s after the first token.",
+            buckets=RATE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("mini_claude_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generated_tokens = Counter("mini_claude_generated_tokens", "Tokens generated.", registry=r)
+        self.sequences = Counter(
+            "mini_claude_sequences", "Finished sequences by finish reason (stop, length, cancelled).",
+            ["finish_reason"], registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge("mini_claude_scheduler_waiting", "Prompts waiting for a slot.", registry=r)
+        self.running = Gauge("mini_claude_scheduler_running", "Sequences in the decode batch.", registry=r)
+
+    def watch_scheduler(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
+        """Read the scheduler's queue depth and batch size whenever /metrics is scraped."""
+        self.queue_depth.set_function(waiting)
+        self.running.set_function(running)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        if status >= 400:
+            self.errors.labels(f"http_{status}").inc()
+
+    def observe_completion(self, completion: Completion) -> None:
+        """Record one finished sequence (a chat choice, a completion choice, a UI reply)."""
+        self.prompt_tokens.inc(completion.prompt_tokens)
+        self.generated_tokens.inc(completion.completion_tokens)
+        self.sequences.labels(completion.finish_reason).inc()
+        if completion.completion_tokens:
+            self.ttft.observe(completion.ttft_ms / 1000)
+        if completion.decode_tokens_per_s > 0:
+            self.decode_rate.observe(completion.decode_tokens_per_s)
+
+    def observe_cancelled(self, n: int = 1) -> None:
+        self.sequences.labels("cancelled").inc(n)
+
+    def observe_error(self, kind: str) -> None:
+        self.errors.labels(kind).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
