@@ -39,7 +39,8 @@ def build_parser(commands: dict[str, Callable[..., Any]]) -> Any:
         flags = {n for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
         sub.add_function_arguments(fn, skip=flags, as_positional=True)
         for flag in sorted(flags):  # booleans are switches: --json / --no_json
-            sub.add_argument(f"--{flag}", action=ActionYesNo, default=False, help=_param_help(fn, flag))
+            default = inspect.signature(fn).parameters[flag].default
+            sub.add_argument(f"--{flag}", action=ActionYesNo, default=bool(default), help=_param_help(fn, flag))
         subcommands.add_subcommand(name, sub, help=(fn.__doc__ or "").strip().splitlines()[0])
     return parser
 
@@ -58,9 +59,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from mini_claude.chat.memory import ConversationFileError
     from mini_claude.checkpoint import CheckpointError
+    from mini_claude.eval.evaluate import EvaluationError
     from mini_claude.generate import ContextOverflowError
+    from mini_claude.train.data import DataError
+    from mini_claude.train.trainer import TrainingError
 
-    return (ArgumentError, ValidationError, CheckpointError, ContextOverflowError, ConversationFileError, cli.UserError)
+    return (
+        ArgumentError, ValidationError, CheckpointError, ContextOverflowError, ConversationFileError, cli.UserError,
+        DataError, TrainingError, EvaluationError,
+    )  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:

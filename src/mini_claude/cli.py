@@ -262,4 +262,11 @@ def serve(
     uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level)
 
 
-COMMANDS = {"chat": chat, "generate": generate, "models": models, "serve": serve}
+def _training_commands() -> dict[str, object]:
+    from mini_claude.eval.evaluate import evaluate
+    from mini_claude.train.finetune import finetune
+
+    return {"finetune": finetune, "eval": evaluate}
+
+
+COMMANDS = {"chat": chat, "generate": generate, "models": models, "serve": serve, **_training_commands()}

@@ -330,6 +330,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             if isinstance(model, Transformer) and name == "lm_head":
                 model.config = model.config.replace(tie_embeddings=False)
         lora = LoRALinear(linear, config.r, config.alpha, config.dropout, config.use_rslora, config.init_lora_weights)
+        lora.train(linear.training)  # a new adapter follows its layer: eval-mode models stay deterministic
         _set_submodule(model, name, lora)
 
     model.requires_grad_(False)
