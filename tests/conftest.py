@@ -30,6 +30,16 @@ def bundled_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer(bundled_gguf: Path):
+    """SmolLM2's real tokenizer, rebuilt once per session from the bundled GGUF (reading it takes seconds)."""
+    from mini_claude.checkpoint import read_gguf
+    from mini_claude.tokenizer import Tokenizer
+
+    meta, _ = read_gguf(bundled_gguf)
+    return Tokenizer.from_gguf_metadata(meta)
+
+
+@pytest.fixture(scope="session")
 def hf_bundled(bundled_gguf: Path):
     """`transformers` loading the bundled GGUF itself (its own dequantizer and tokenizer converter), fp32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

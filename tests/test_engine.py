@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mini_claude.checkpoint import read_gguf, save_model_dir
+from mini_claude.checkpoint import save_model_dir
 from mini_claude.config import PRESETS, ModelConfig
 from mini_claude.engine import Completion, Engine, StopStringMatcher, TextChunk, resolve_dtype
 from mini_claude.generate import ContextOverflowError, SamplingParams
@@ -43,10 +43,9 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(bundled_gguf: Path) -> Tokenizer:
+def tokenizer(smollm2_tokenizer: Tokenizer) -> Tokenizer:
     """SmolLM2's real byte-level BPE, rebuilt from the bundled GGUF's metadata."""
-    meta, _ = read_gguf(bundled_gguf)
-    return Tokenizer.from_gguf_metadata(meta)
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

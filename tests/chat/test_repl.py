@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from mini_claude.chat.repl import HELP, ChatREPL
-from mini_claude.checkpoint import read_gguf
 from mini_claude.config import PRESETS
 from mini_claude.engine import Engine, TextChunk
 from mini_claude.generate import SamplingParams
@@ -37,10 +36,9 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def engine(bundled_gguf: Path) -> Engine:
+def engine(smollm2_tokenizer: Tokenizer) -> Engine:
     """A tiny random model behind SmolLM2's real tokenizer and chat template."""
-    meta, _ = read_gguf(bundled_gguf)
-    tokenizer = Tokenizer.from_gguf_metadata(meta)
+    tokenizer = smollm2_tokenizer
     model = Transformer(PRESETS["tiny-llama"].replace(vocab_size=tokenizer.vocab_size))
     model.init_weights(std=1.0, generator=torch.Generator().manual_seed(0))
     return Engine(model.eval(), tokenizer, "tiny")
