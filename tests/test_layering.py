@@ -13,6 +13,7 @@ CORE = [
     "mini_claude.checkpoint",
     "mini_claude.quantize",
     "mini_claude.lora",
+    "mini_claude.adapters",
     "mini_claude.engine",
     "mini_claude.scheduler",
     "mini_claude.chat.memory",

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from mini_claude.adapters import AdapterInfo, AdapterSet
 from mini_claude.checkpoint import load_model
 from mini_claude.generate import BatchGenerator, ContextOverflowError, SamplingParams, SequenceState, TokenEvent
 from mini_claude.model import Transformer
@@ -128,11 +129,14 @@ class StopStringMatcher:
 
 
 class Engine:
+    """A model, its tokenizer and the LoRA adapters loaded on it; `adapter=NAME` picks one per generation."""
+
     def __init__(self, model: Transformer, tokenizer: Tokenizer, name: str = "model", source: str = "") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.source = source
+        self.adapters = AdapterSet(model)
 
     @classmethod
     def load(
@@ -143,16 +147,26 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
         quantize: str = "auto",
         name: str | None = None,
+        adapters: Sequence[str | Path] = (),
     ) -> Engine:
-        """Load a checkpoint (see `checkpoint.load_checkpoint`); `name` is how front ends will refer to it."""
+        """Load a checkpoint (see `checkpoint.load_checkpoint`) and LoRA adapter dirs on it; `name` is how
+        front ends will refer to the base model (adapters take their dir's name)."""
         if threads:
             torch.set_num_threads(threads)
         with _eager_memory_release():
             model, tokenizer, saved_name = load_model(source, resolve_dtype(dtype), progress, quantize)
         path = Path(source)
-        return cls(
+        engine = cls(
             model, tokenizer, name or (saved_name if path.is_dir() else path.name.removesuffix(".gguf")), str(source)
         )
+        for adapter in adapters:
+            engine.load_adapter(adapter)
+        return engine
+
+    def load_adapter(self, path: str | Path, name: str | None = None) -> AdapterInfo:
+        """Add a PEFT-format LoRA adapter; generations then choose it with `adapter=info.name`. Safe while a
+        scheduler runs: it takes effect between two forwards."""
+        return self.adapters.load(path, name, reserved=[self.name])
 
     @property
     def context_window(self) -> int:
@@ -185,15 +199,18 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         stop: Sequence[str] = (),
         truncate: bool = False,
+        adapter: str | None = None,
     ) -> Iterator[TextChunk]:
         """Generate continuations of several token prompts together, yielding text as it becomes final.
 
-        Closing the iterator early (a client went away, Ctrl-C) stops the work for all its sequences.
+        `adapter` names a loaded LoRA adapter to generate with (None: the base model). Closing the iterator
+        early (a client went away, Ctrl-C) stops the work for all its sequences.
         """
+        self.adapters.check(adapter)
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         fitted = [self.fit_prompt(list(p), truncate) for p in prompts]
-        gen = BatchGenerator(self.model, n_slots=len(prompts), stop_ids=self.tokenizer.stop_ids)
-        seqs = [gen.new_sequence(ids, sp) for (ids, _), sp in zip(fitted, per_prompt, strict=True)]
+        gen = BatchGenerator(self.model, len(prompts), self.tokenizer.stop_ids, self.adapters)
+        seqs = [gen.new_sequence(ids, sp, adapter) for (ids, _), sp in zip(fitted, per_prompt, strict=True)]
         start = time.perf_counter()
         texts = {id(s): TextAssembler(self.tokenizer, i, stop, fitted[i][1], start) for i, s in enumerate(seqs)}
         events = gen.add(seqs)
@@ -208,9 +225,10 @@ class Engine:
         params: SamplingParams = SamplingParams(),
         stop: Sequence[str] = (),
         truncate: bool = False,
+        adapter: str | None = None,
     ) -> Completion:
         """Run one prompt to the end and return the whole result."""
-        for chunk in self.stream([prompt], params, stop, truncate):
+        for chunk in self.stream([prompt], params, stop, truncate, adapter):
             if chunk.completion is not None:
                 return chunk.completion
         raise RuntimeError("generation ended without a final chunk")  # unreachable: every sequence finishes
@@ -220,9 +238,10 @@ class Engine:
         messages: Sequence[dict[str, Any]],
         params: SamplingParams = SamplingParams(),
         stop: Sequence[str] = (),
+        adapter: str | None = None,
     ) -> Iterator[TextChunk]:
         """Stream the assistant's reply to a conversation rendered with the model's own chat template."""
-        return self.stream([self.encode_chat(messages)], params, stop)
+        return self.stream([self.encode_chat(messages)], params, stop, adapter=adapter)
 
 
 class TextAssembler:

@@ -15,14 +15,19 @@ sequence runs alone or in a batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from mini_claude.model import Transformer
+
+if TYPE_CHECKING:
+    from mini_claude.adapters import AdapterSet
 
 
 class ContextOverflowError(ValueError):
@@ -103,6 +108,7 @@ class SequenceState:
     prompt_ids: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
+    adapter: str | None = None  # a LoRA adapter of the generator's AdapterSet; None: the base model
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end of sequence or stop string), "length", "cancelled"
@@ -130,8 +136,11 @@ class TokenEvent:
 class BatchGenerator:
     """Runs many sequences through one model with one KV cache; see the module docstring."""
 
-    def __init__(self, model: Transformer, n_slots: int = 1, stop_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self, model: Transformer, n_slots: int = 1, stop_ids: Iterable[int] = (), adapters: AdapterSet | None = None
+    ) -> None:
         self.model = model
+        self.adapters = adapters
         self.max_seq_len = model.config.max_seq_len
         self.cache = model.new_cache(n_slots)
         self.free_slots = list(range(n_slots))
@@ -142,12 +151,19 @@ class BatchGenerator:
     def n_free(self) -> int:
         return len(self.free_slots)
 
-    def new_sequence(self, prompt_ids: Sequence[int], params: SamplingParams) -> SequenceState:
+    def new_sequence(
+        self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None
+    ) -> SequenceState:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
             raise ContextOverflowError(len(prompt_ids), self.max_seq_len)
-        seq = SequenceState(list(prompt_ids), params, frozenset() if params.ignore_eos else self.stop_ids)
+        if adapter is not None:
+            if self.adapters is None:
+                raise ValueError(f"adapter {adapter!r} requested, but this generator has no adapters")
+            self.adapters.check(adapter)
+        stop_ids = frozenset() if params.ignore_eos else self.stop_ids
+        seq = SequenceState(list(prompt_ids), params, stop_ids, adapter)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         seq.generator.manual_seed(seed)
         return seq
@@ -169,13 +185,14 @@ class BatchGenerator:
         slots = torch.tensor([s.slot for s in seqs])
         contiguous = slots.tolist() == list(range(len(seqs)))
         positions = torch.arange(longest).expand(len(seqs), longest)
-        logits = self.model(
-            idx.to(device),
-            positions=None if contiguous and len(seqs) == 1 else positions.to(device),
-            cache=self.cache,
-            slots=None if contiguous else slots.to(device),
-            logits_at=torch.tensor(lengths, device=device) - 1,
-        )[:, 0]  # (B, V)
+        with self._routed(seqs):
+            logits = self.model(
+                idx.to(device),
+                positions=None if contiguous and len(seqs) == 1 else positions.to(device),
+                cache=self.cache,
+                slots=None if contiguous else slots.to(device),
+                logits_at=torch.tensor(lengths, device=device) - 1,
+            )[:, 0]  # (B, V)
         self.running.extend(seqs)
         return [self._accept(s, logits[row]) for row, s in enumerate(seqs)]
 
@@ -190,13 +207,20 @@ class BatchGenerator:
         positions = torch.tensor([[s.position] for s in seqs], device=device)
         slots = [s.slot for s in seqs]
         contiguous = slots == list(range(len(seqs)))
-        logits = self.model(
-            idx,
-            positions=positions,
-            cache=self.cache,
-            slots=None if contiguous else torch.tensor(slots, device=device),
-        )[:, -1]  # (B, V)
+        with self._routed(seqs):
+            logits = self.model(
+                idx,
+                positions=positions,
+                cache=self.cache,
+                slots=None if contiguous else torch.tensor(slots, device=device),
+            )[:, -1]  # (B, V)
         return [self._accept(s, logits[row]) for row, s in enumerate(seqs)]
+
+    def _routed(self, seqs: Sequence[SequenceState]) -> contextlib.AbstractContextManager[None]:
+        """Each row of the next forward uses its own sequence's adapter."""
+        if self.adapters is None or not len(self.adapters):
+            return contextlib.nullcontext()
+        return self.adapters.route([s.adapter for s in seqs])
 
     def _accept(self, seq: SequenceState, logits: Tensor) -> TokenEvent:
         if seq.params.ignore_eos and self.stop_ids:

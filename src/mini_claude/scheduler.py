@@ -88,6 +88,7 @@ class _Pending:
     params: SamplingParams
     stop: Sequence[str]
     truncated: int
+    adapter: str | None
 
 
 @dataclass
@@ -120,16 +121,19 @@ class Scheduler:
         stop: Sequence[str] = (),
         truncate: bool = False,
         loop: asyncio.AbstractEventLoop | None = None,
+        adapter: str | None = None,
     ) -> RequestHandle:
-        """Queue a prompt; raises at once (in the caller) if it cannot fit the context window."""
+        """Queue a prompt (for the LoRA adapter named `adapter`, or the base model); raises at once (in the
+        caller) if it cannot fit the context window or names no loaded adapter."""
         if self._closed:
             raise RuntimeError("the scheduler is closed")
+        self.engine.adapters.check(adapter)
         ids, truncated = self.engine.fit_prompt(list(prompt_ids), truncate)
         if not ids:
             raise ValueError("the prompt is empty")
         handle = RequestHandle(next(self._ids), loop)
         with self._wake:
-            self._pending.append(_Pending(handle, ids, params, stop, truncated))
+            self._pending.append(_Pending(handle, ids, params, stop, truncated, adapter))
             self.stats.waiting = len(self._pending)
             self._wake.notify()
         return handle
@@ -147,7 +151,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ the loop (one thread)
     def _run(self) -> None:
-        gen = BatchGenerator(self.engine.model, self.max_batch, self.engine.tokenizer.stop_ids)
+        gen = self._generator()
         active: dict[int, tuple[SequenceState, RequestHandle, TextAssembler]] = {}
         while True:
             with self._wake:
@@ -165,7 +169,7 @@ class Scheduler:
                 self._cancel(gen, active)
                 new = []
                 for p in admitted:
-                    seq = gen.new_sequence(p.prompt_ids, p.params)
+                    seq = gen.new_sequence(p.prompt_ids, p.params, p.adapter)
                     text = TextAssembler(self.engine.tokenizer, 0, p.stop, p.truncated, p.handle.submitted_at)
                     active[id(seq)] = (seq, p.handle, text)
                     new.append(seq)
@@ -182,11 +186,14 @@ class Scheduler:
                     handle._put(_DONE)
                     gen.finish(seq, "error")
                 active.clear()
-                gen = BatchGenerator(self.engine.model, self.max_batch, self.engine.tokenizer.stop_ids)
+                gen = self._generator()
             self.stats.running = len(gen.running)
         for _seq, handle, _ in active.values():
             handle.error = "the server is shutting down"
             handle._put(_DONE)
+
+    def _generator(self) -> BatchGenerator:
+        return BatchGenerator(self.engine.model, self.max_batch, self.engine.tokenizer.stop_ids, self.engine.adapters)
 
     def _cancel(
         self, gen: BatchGenerator, active: dict[int, tuple[SequenceState, RequestHandle, TextAssembler]]
