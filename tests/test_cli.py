@@ -124,6 +124,41 @@ def test_generate_on_a_tiny_model(tiny_dir: Path, capsys: pytest.CaptureFixture[
     assert result["model"] == "tiny" and result["completion_tokens"] == 4 and result["finish_reason"] == "length"
 
 
+def test_generate_with_an_adapter(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--adapter` serves the adapter through the engine's per-row path; the reference is the training-side
+    `LoRALinear` (a separate implementation) on the same dense model."""
+    from mini_claude.checkpoint import load_model
+    from mini_claude.engine import Engine
+    from mini_claude.generate import SamplingParams
+    from mini_claude.lora import LoRAConfig, apply_lora, save_adapter
+
+    model, tokenizer, _ = load_model(tiny_dir, torch.float32, quantize="none")
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter_dir = save_adapter(model, tmp_path / "runs" / "tuned" / "adapter")
+    argv = [
+        "generate",
+        "hi",
+        "--model",
+        str(tiny_dir),
+        "--quantize",
+        "none",
+        "--dtype",
+        "float32",
+        "--json",
+        "--max_tokens",
+        "8",
+    ]
+
+    assert main([*argv, "--adapter", str(adapter_dir)]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+
+    reference = Engine(model.eval(), tokenizer).complete(tuned["prompt_ids"], SamplingParams(8, temperature=0.0))
+    assert (tuned["model"], tuned["base_model"], plain["model"]) == ("tuned", "tiny", "tiny")
+    assert tuned["completion_ids"] == reference.completion_ids != plain["completion_ids"]
+
+
 @pytest.fixture(scope="module")
 def truncated_gguf(bundled_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bad") / "half.gguf"
@@ -160,6 +195,16 @@ def error_cases(tmp: Path, tiny_dir: Path, truncated: Path) -> dict[str, tuple[l
             "the context window holds 256",
         ),
         "model setting missing": (["generate", "hi"], {"MINI_CLAUDE_MODEL": "/nonexistent"}, "/nonexistent"),
+        "missing adapter": (
+            ["generate", "hi", "--model", str(tiny_dir), "--quantize", "none", "--adapter", str(tmp / "no-adapter")],
+            {},
+            "adapter dir not found",
+        ),
+        "dir that is not an adapter": (
+            ["generate", "hi", "--model", str(tiny_dir), "--adapter", str(tmp / "empty_dir")],
+            {},
+            "is not an adapter dir",
+        ),
         "bad quantize setting": (["generate", "hi"], {"MINI_CLAUDE_QUANTIZE": "int3"}, "quantize"),
     }
 

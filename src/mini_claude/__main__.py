@@ -57,6 +57,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from pydantic import ValidationError
 
+    from mini_claude.adapters import AdapterError
     from mini_claude.chat.memory import ConversationFileError
     from mini_claude.checkpoint import CheckpointError
     from mini_claude.eval.evaluate import EvaluationError
@@ -66,7 +67,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ArgumentError, ValidationError, CheckpointError, ContextOverflowError, ConversationFileError, cli.UserError,
-        DataError, TrainingError, EvaluationError,
+        DataError, TrainingError, EvaluationError, AdapterError,
     )  # fmt: skip
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json as json_lib
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from mini_claude.adapters import parse_adapter_spec
 from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, list_models, resolve_model
 from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
@@ -37,8 +39,10 @@ def load_engine(
     quantize: str | None = None,
     threads: int | None = None,
     quiet: bool = False,
+    adapters: Sequence[str] = (),
 ) -> Engine:
-    """Resolve and load a model, showing progress on stderr (a bar on a terminal, one line otherwise)."""
+    """Resolve and load a model and LoRA adapters (`DIR` or `NAME=DIR`), showing progress on stderr (a bar on a
+    terminal, one line otherwise)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -71,6 +75,14 @@ def load_engine(
             f"context {config.max_seq_len}, {(config.quantization or {}).get('mode', 'dense')} weights, "
             f"loaded in {time.perf_counter() - start:.1f}s[/dim]"
         )
+    for spec in adapters:
+        name, path = parse_adapter_spec(spec)
+        info = engine.load_adapter(path, name)
+        if not quiet:
+            console.print(
+                f"[dim]adapter {info.name}: LoRA rank {info.rank} on {', '.join(info.targets)}, "
+                f"{_count(info.parameters)} parameters[/dim]"
+            )
     return engine
 
 
@@ -89,6 +101,7 @@ def chat(
     seed: int | None = None,
     max_turns: int | None = None,
     load: str | None = None,
+    adapter: str | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
     quantize: Literal["auto", "none", "int8", "int4"] | None = None,
     threads: int | None = None,
@@ -109,6 +122,7 @@ def chat(
         seed: makes sampling repeatable.
         max_turns: most recent user turns kept in the context.
         load: a conversation JSON file (from /save) to continue.
+        adapter: a LoRA adapter dir (from `mini-claude finetune`, or PEFT's format) to chat with.
         dtype: compute dtype; auto picks bf16 where the CPU supports it.
         quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
@@ -120,8 +134,11 @@ def chat(
         max_new_tokens=max_tokens or settings.max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, seed=seed,
     )  # fmt: skip
-    engine = load_engine(model, settings, dtype, quantize, threads)
-    repl = ChatREPL(engine, params, system or settings.system_prompt, max_turns or settings.memory_max_turns)
+    engine = load_engine(model, settings, dtype, quantize, threads, adapters=[adapter] if adapter else [])
+    repl = ChatREPL(
+        engine, params, system or settings.system_prompt, max_turns or settings.memory_max_turns,
+        adapter=engine.adapters.names[0] if adapter else None,
+    )  # fmt: skip
     if load:
         repl.command(f"/load {load}")
     repl.run()
@@ -141,6 +158,7 @@ def generate(
     raw: bool = False,
     json: bool = False,
     truncate: bool = False,
+    adapter: str | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
     quantize: Literal["auto", "none", "int8", "int4"] | None = None,
     threads: int | None = None,
@@ -161,6 +179,7 @@ def generate(
         raw: no chat template: tokenize the prompt as is, with the model's own BOS rule.
         json: print one JSON object with the text, token ids, counts, finish reason and timings.
         truncate: drop the oldest prompt tokens that do not fit the context (reported) instead of failing.
+        adapter: a LoRA adapter dir (from `mini-claude finetune`, or PEFT's format) to generate with.
         dtype: compute dtype; auto picks bf16 where the CPU supports it.
         quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
@@ -171,7 +190,8 @@ def generate(
         repetition_penalty=repetition_penalty, seed=seed,
     )  # fmt: skip
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    engine = load_engine(model, settings, dtype, quantize, threads, quiet=json)
+    engine = load_engine(model, settings, dtype, quantize, threads, quiet=json, adapters=[adapter] if adapter else [])
+    adapter_name = engine.adapters.names[0] if adapter else None
     if raw:
         ids = engine.encode_text(prompt)
     else:
@@ -180,14 +200,15 @@ def generate(
     if not ids:
         raise UserError("the prompt is empty")
     completion = None
-    for chunk in engine.stream([ids], params, stops, truncate=truncate):
+    for chunk in engine.stream([ids], params, stops, truncate=truncate, adapter=adapter_name):
         if not json:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
         completion = chunk.completion or completion
     assert completion is not None
     if json:
-        print(json_lib.dumps({"model": engine.name, **completion.to_dict()}, ensure_ascii=False))
+        record = {"model": adapter_name or engine.name, "base_model": engine.name, **completion.to_dict()}
+        print(json_lib.dumps(record, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
         if completion.truncated_prompt_tokens:
@@ -226,6 +247,7 @@ def serve(
     port: int | None = None,
     database_url: str | None = None,
     max_batch_size: int | None = None,
+    adapter: list[str] | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
     quantize: Literal["auto", "none", "int8", "int4"] | None = None,
     threads: int | None = None,
@@ -243,6 +265,8 @@ def serve(
         database_url: where conversations are stored (default sqlite:///./mini_claude.db; PostgreSQL via
             postgresql+psycopg://user@host/db).
         max_batch_size: most sequences decoded together (continuous batching).
+        adapter: LoRA adapter dirs (DIR or NAME=DIR), each served as its own model next to the base one;
+            repeat the flag or give a JSON list (default: settings' adapters).
         dtype: compute dtype; auto picks bf16 where the CPU supports it.
         quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
@@ -253,9 +277,9 @@ def serve(
     from mini_claude.server import create_app
 
     overrides = {"model": model, "host": host, "port": port, "database_url": database_url,
-                 "max_batch_size": max_batch_size}  # fmt: skip
+                 "max_batch_size": max_batch_size, "adapters": adapter}  # fmt: skip
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    engine = load_engine(settings.model, settings, dtype, quantize, threads)
+    engine = load_engine(settings.model, settings, dtype, quantize, threads, adapters=settings.adapters)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
         print(f"warning: listening on {settings.host} without MINI_CLAUDE_API_KEYS: anyone who can reach it can use it",
               file=sys.stderr)  # fmt: skip

@@ -41,11 +41,20 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together by the scheduler.")
     ui: bool = Field(True, description="Mount the web UI at /ui (when its dependencies are installed).")
+    # NoDecode: a comma-separated list like api_keys ("support=runs/a/adapter,runs/b/adapter").
+    adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="LoRA adapter dirs (DIR or NAME=DIR) the server loads, each served as its own model.",
+    )
+    fine_tune_dir: str = Field(
+        "./fine-tunes", description="Where jobs from POST /v1/fine-tunes write their runs (one dir per job)."
+    )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "adapters", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
-        """Accept `MINI_CLAUDE_API_KEYS=a,b` (and a JSON list); blanks are dropped so `""` means no auth."""
+        """Accept comma-separated lists (`MINI_CLAUDE_API_KEYS=a,b`) and JSON lists; blanks are dropped, so `""`
+        means no keys (no auth) and no adapters."""
         if isinstance(value, str):
             text = value.strip()
             value = json.loads(text) if text.startswith("[") else text.split(",")

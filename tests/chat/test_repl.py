@@ -81,9 +81,9 @@ def record_contexts(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[lis
     seen: list[list[dict[str, str]]] = []
     real = engine.chat
 
-    def chat(messages, params=PARAMS, stop=()):
+    def chat(messages, params=PARAMS, stop=(), adapter=None):
         seen.append([dict(m) for m in messages])
-        return real(messages, params, stop)
+        return real(messages, params, stop, adapter)
 
     monkeypatch.setattr(engine, "chat", chat)
     return seen
@@ -203,9 +203,9 @@ def test_ctrl_c_during_a_reply_keeps_the_partial_reply(engine: Engine, monkeypat
     real = engine.chat
     shown: list[str] = []
 
-    def interrupted_chat(messages, params=params, stop=()):
+    def interrupted_chat(messages, params=params, stop=(), adapter=None):
         def gen() -> Iterator[TextChunk]:
-            for i, chunk in enumerate(real(messages, params, stop)):
+            for i, chunk in enumerate(real(messages, params, stop, adapter)):
                 if i == 2:
                     raise KeyboardInterrupt  # as if Ctrl-C arrived while the third token was computed
                 shown.append(chunk.text)
@@ -248,3 +248,19 @@ def test_old_turns_are_left_out_when_the_context_is_full(engine: Engine, monkeyp
     assert seen[-1][-1]["content"] == f"5: {message}"
     assert "earlier turn(s) no longer fit the context and were left out." in out
     assert len(repl.memory.history) == 12  # nothing is deleted from the conversation itself
+
+
+def test_replies_come_from_the_chosen_adapter(engine: Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`mini-claude chat --adapter DIR`: every reply is generated with the adapter, and the banner says so."""
+    import copy
+
+    from mini_claude.lora import LoRAConfig, apply_lora, save_adapter
+
+    tuned = Engine(copy.deepcopy(engine.model), engine.tokenizer, "tiny")  # the fixture stays untouched
+    lora_model = apply_lora(copy.deepcopy(engine.model), LoRAConfig(r=4, alpha=8, init_lora_weights=False))
+    tuned.load_adapter(save_adapter(lora_model, tmp_path / "tuned"))
+    _, out, _ = run(tuned, ["Hello"], monkeypatch, adapter="tuned")
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello"}]
+    with_adapter = tuned.complete(tuned.encode_chat(messages), PARAMS, adapter="tuned").text
+    assert with_adapter != expected_reply(tuned, messages)
+    assert out.startswith("Chatting with tiny + adapter tuned.") and with_adapter in out

@@ -32,9 +32,11 @@ class ChatREPL:
         system_prompt: str | None = None,
         max_turns: int = 20,
         out: TextIO = sys.stdout,
+        adapter: str | None = None,
     ) -> None:
         self.engine = engine
         self.params = params
+        self.adapter = adapter  # a LoRA adapter loaded on the engine, or None for the base model
         self.out = out
         budget = engine.context_window - params.max_new_tokens
         self.memory = ConversationMemory(system_prompt, max_turns, budget, self._count_tokens)
@@ -47,7 +49,8 @@ class ChatREPL:
         self.out.flush()
 
     def run(self) -> None:
-        self.say(f"Chatting with {self.engine.name}. Type /help for commands, /exit to leave.")
+        who = f"{self.engine.name} + adapter {self.adapter}" if self.adapter else self.engine.name
+        self.say(f"Chatting with {who}. Type /help for commands, /exit to leave.")
         while True:
             try:
                 line = input("\n>>> ")
@@ -110,7 +113,7 @@ class ChatREPL:
         if self.memory.dropped_turns:
             self.say(f"({self.memory.dropped_turns} earlier turn(s) no longer fit the context and were left out.)")
         pieces: list[str] = []
-        stream = self.engine.chat(context, self.params)
+        stream = self.engine.chat(context, self.params, adapter=self.adapter)
         try:
             for chunk in stream:
                 pieces.append(chunk.text)

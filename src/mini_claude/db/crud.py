@@ -283,6 +283,33 @@ def list_fine_tune_jobs(session: Session, *, limit: int = 20, offset: int = 0) -
     return list(session.scalars(query))
 
 
+def claim_next_fine_tune_job(session: Session) -> FineTuneJob | None:
+    """Mark the oldest queued job running and return it; None when nothing waits.
+
+    The status changes only if it is still `queued` when the UPDATE runs, so two runners sharing a database
+    never both claim one job (PostgreSQL also skips rows another transaction has locked).
+    """
+    query = (
+        select(FineTuneJob.id)
+        .where(FineTuneJob.status == "queued")
+        .order_by(FineTuneJob.created_at, FineTuneJob.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    job_id = session.scalars(query).first()
+    if job_id is None:
+        return None
+    claimed = session.execute(
+        update(FineTuneJob)
+        .where(FineTuneJob.id == job_id, FineTuneJob.status == "queued")
+        .values(status="running", updated_at=utcnow())
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    session.expire_all()
+    return session.get(FineTuneJob, job_id)
+
+
 def update_fine_tune_job(
     session: Session,
     job_id: str,

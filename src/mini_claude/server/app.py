@@ -31,10 +31,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mini_claude.adapters import parse_adapter_spec
 from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, resolve_model
 from mini_claude.db import init_db, make_engine
 from mini_claude.engine import Engine
 from mini_claude.server import routes
+from mini_claude.server.fine_tunes import FineTuneService
 from mini_claude.server.metrics import Metrics
 from mini_claude.server.protocol import ErrorDetail, ErrorResponse
 from mini_claude.server.serving import APIError, ChatService, validation_error
@@ -49,13 +51,18 @@ def load_engine(settings: Settings) -> Engine:
     """The model named by the settings (the bundled one by default), as `mini-claude serve` loads it."""
     path = resolve_model(settings.model)
     name = BUNDLED_NAME if path == bundled_model_path() else path.name.removesuffix(".gguf")
-    return Engine.load(path, dtype=settings.dtype, quantize=settings.quantize, threads=settings.threads, name=name)
+    engine = Engine.load(path, dtype=settings.dtype, quantize=settings.quantize, threads=settings.threads, name=name)
+    for spec in settings.adapters:
+        name, adapter_dir = parse_adapter_spec(spec)
+        engine.load_adapter(adapter_dir, name)
+    return engine
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     """Build the server. The model loads when the app starts (its lifespan), unless `engine` is given."""
     settings = settings or Settings()
     service = ChatService(settings, Metrics())
+    fine_tunes = FineTuneService(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,9 +71,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         try:
             await anyio.to_thread.run_sync(init_db, database)
             service.start(loaded, database)
-            log.info("serving %s (context %d)", loaded.name, loaded.context_window)
+            await anyio.to_thread.run_sync(fine_tunes.start)
+            log.info("serving %s (context %d)", ", ".join(service.model_ids), loaded.context_window)
             yield
         finally:
+            await anyio.to_thread.run_sync(fine_tunes.stop)
             service.stop()
             database.dispose()
 
@@ -75,6 +84,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         description="OpenAI-compatible chat and completions over a from-scratch engine, with stored conversations.",
     )  # fmt: skip
     app.state.service = service
+    app.state.fine_tunes = fine_tunes
     app.state.settings = settings
     app.include_router(routes.public)
     app.include_router(routes.api)

@@ -22,6 +22,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
+from mini_claude.server.fine_tunes import FineTuneService
 from mini_claude.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -31,6 +32,9 @@ from mini_claude.server.protocol import (
     ConversationDetail,
     ConversationList,
     ErrorResponse,
+    FineTuneJob,
+    FineTuneJobList,
+    FineTuneRequest,
     HealthResponse,
     ModelCard,
     ModelDetails,
@@ -47,6 +51,13 @@ def get_service(conn: HTTPConnection) -> ChatService:
 
 
 ServiceDep = Annotated[ChatService, Depends(get_service)]
+
+
+def get_fine_tunes(conn: HTTPConnection) -> FineTuneService:
+    return conn.app.state.fine_tunes
+
+
+FineTunesDep = Annotated[FineTuneService, Depends(get_fine_tunes)]
 
 
 def require_api_key(conn: HTTPConnection, service: ServiceDep) -> None:
@@ -170,6 +181,32 @@ def get_conversation(conversation_id: str, service: ServiceDep) -> ConversationD
 @api.delete("/v1/conversations/{conversation_id}", response_model=ConversationDeleted)
 def delete_conversation(conversation_id: str, service: ServiceDep) -> ConversationDeleted:
     return service.remove_conversation(conversation_id)
+
+
+@api.post("/v1/fine-tunes", response_model=FineTuneJob)
+async def create_fine_tune(body: FineTuneRequest, fine_tunes: FineTunesDep) -> FineTuneJob:
+    """Start a LoRA fine-tune of the served model in the background; poll the job for progress. When it has
+    succeeded, its `fine_tuned_model` is served (chat with it by that `model` id) without a restart."""
+    return await fine_tunes.create(body)
+
+
+@api.get("/v1/fine-tunes", response_model=FineTuneJobList)
+async def list_fine_tunes(
+    fine_tunes: FineTunesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+) -> FineTuneJobList:
+    return await fine_tunes.list(limit, offset)
+
+
+@api.get("/v1/fine-tunes/{job_id}", response_model=FineTuneJob)
+async def get_fine_tune(job_id: str, fine_tunes: FineTunesDep) -> FineTuneJob:
+    return await fine_tunes.get(job_id)
+
+
+@api.post("/v1/fine-tunes/{job_id}/cancel", response_model=FineTuneJob, responses={409: {"model": ErrorResponse}})
+async def cancel_fine_tune(job_id: str, fine_tunes: FineTunesDep) -> FineTuneJob:
+    return await fine_tunes.cancel(job_id)
 
 
 @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

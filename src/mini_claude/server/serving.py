@@ -53,6 +53,7 @@ from mini_claude.generate import SamplingParams
 from mini_claude.scheduler import RequestHandle, Scheduler
 from mini_claude.server.metrics import Metrics
 from mini_claude.server.protocol import (
+    AdapterDetail,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -177,7 +178,7 @@ class _Job:
     """One request, ready for the scheduler: a prompt and sampling parameters per sequence."""
 
     id: str
-    model: str
+    model: str  # the id the client asked for: the base model's or an adapter's
     prompts: list[list[int]]
     params: list[SamplingParams]
     stop: list[str]
@@ -186,6 +187,7 @@ class _Job:
     conversation_id: str | None = None
     key: str | None = None  # idempotency key of this request's messages: `{key}:{i}`, `{key}:reply`
     replay: Completion | None = None  # the reply stored by an earlier attempt of this same request
+    adapter: str | None = None  # the LoRA adapter the model id names; None for the base model
 
 
 @dataclass
@@ -272,6 +274,7 @@ class ChatService:
         self.scheduler: Scheduler | None = None
         self.db: Database | None = None
         self.started_at = time.monotonic()
+        self._adapter_created: dict[str, int] = {}  # adapters loaded after start: when (for /v1/models)
 
     def start(self, engine: Engine, db: Database, scheduler: Scheduler | None = None) -> None:
         self.engine, self.db = engine, db
@@ -303,12 +306,22 @@ class ChatService:
             )
         return self.engine, self.scheduler, self.db
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(
-                404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
-                param="model", code="model_not_found",
-            )  # fmt: skip
+    @property
+    def model_ids(self) -> list[str]:
+        """What `model` may name: the base model, then each loaded adapter."""
+        return [self.engine.name, *self.engine.adapters.names] if self.engine is not None else []
+
+    def select_model(self, name: str | None) -> tuple[str, str | None]:
+        """(model id, adapter) for a request's `model`: None is the base model; adapters are models of their own."""
+        engine, _, _ = self._ready()
+        if name is None or name == engine.name:
+            return engine.name, None
+        if name in engine.adapters:
+            return name, name
+        raise APIError(
+            404, f"The model '{name}' does not exist; this server serves {', '.join(map(repr, self.model_ids))}.",
+            param="model", code="model_not_found",
+        )  # fmt: skip
 
     def authorized(self, token: str | None) -> bool:
         """Whether a bearer token is one of the configured keys (always true when none are configured)."""
@@ -331,23 +344,46 @@ class ChatService:
         )  # fmt: skip
 
     def models(self) -> ModelList:
+        """The base model and every loaded adapter, each a model (vLLM's convention: `parent` names the base)."""
         engine, _, _ = self._ready()
-        return ModelList(
-            data=[ModelCard(id=engine.name, created=int(time.time() - (time.monotonic() - self.started_at)))]
-        )
+        started = int(time.time() - (time.monotonic() - self.started_at))
+        cards = [ModelCard(id=engine.name, created=started)]
+        for name in engine.adapters.names:
+            created = self._adapter_created.get(name, started)
+            cards.append(ModelCard(id=name, created=created, parent=engine.name, root=engine.adapters.info(name).path))
+        return ModelList(data=cards)
 
     def model(self, name: str) -> ModelCard:
-        self._ready()
-        self.check_model(name)
-        return self.models().data[0]
+        model_id, _ = self.select_model(name)
+        return next(card for card in self.models().data if card.id == model_id)
 
     def model_details(self) -> ModelDetails:
         engine, _, _ = self._ready()
         config = engine.model.config
-        detail = ModelDetail(
-            id=engine.name, context_window=engine.context_window, parameters=config.n_params, source=engine.source
-        )
-        return ModelDetails(models=[detail])
+        details = [
+            ModelDetail(
+                id=engine.name, context_window=engine.context_window, parameters=config.n_params, source=engine.source
+            )
+        ]
+        for name in engine.adapters.names:
+            info = engine.adapters.info(name)
+            details.append(
+                ModelDetail(
+                    id=name, context_window=engine.context_window, parameters=config.n_params + info.parameters,
+                    source=info.path, parent=engine.name,
+                    adapter=AdapterDetail(rank=info.rank, alpha=info.alpha, targets=info.targets,
+                                          parameters=info.parameters, base_model=info.base_model),
+                )
+            )  # fmt: skip
+        return ModelDetails(models=details)
+
+    def load_adapter(self, path: str, name: str | None = None) -> ModelCard:
+        """Serve the adapter in `path` as a new model, without a restart (fine-tune jobs call this when done)."""
+        engine, _, _ = self._ready()
+        info = engine.load_adapter(path, name)
+        self._adapter_created[info.name] = int(time.time())
+        log.info("serving adapter %s from %s", info.name, info.path)
+        return self.model(info.name)
 
     # ---------------------------------------------------------------------------------------- requests
     async def chat_completion(
@@ -371,7 +407,7 @@ class ChatService:
     async def completion(self, req: CompletionRequest) -> CompletionResponse | EventStream:
         """Continue plain prompts (`/v1/completions`); choice `p * n + j` is prompt p's j-th sample."""
         engine, _, _ = self._ready()
-        self.check_model(req.model)
+        model_id, adapter = self.select_model(req.model)
         prompts, params = [], []
         vocab = engine.model.config.vocab_size
         for p in req.prompts:
@@ -384,7 +420,8 @@ class ChatService:
             for j in range(req.n):
                 prompts.append(ids)
                 params.append(self._params(req, budget, j))
-        job = _Job(new_id("cmpl"), engine.name, prompts, params, req.stops, sum(len(p) for p in prompts[:: req.n]))
+        job = _Job(new_id("cmpl"), model_id, prompts, params, req.stops, sum(len(p) for p in prompts[:: req.n]))
+        job.adapter = adapter
         handles = self._submit(job)
         if req.stream:
             return EventStream(self._completion_events(job, handles, req.include_usage), handles)
@@ -408,12 +445,14 @@ class ChatService:
         top_k: int | None = None,
         repetition_penalty: float | None = None,
         seed: int | None = None,
+        model: str | None = None,
     ) -> AsyncIterator[ReplyEvent]:
         """The UI's (and WebSocket's) chat turn: start, token..., done; or one error event.
 
         A new conversation is created when `conversation_id` is None (its id is in every event); the exchange
         is stored like any API chat. `system_prompt` sets (or, for an existing conversation, replaces) the
-        system prompt; new conversations default to the configured one. Closing the iterator early
+        system prompt; new conversations default to the configured one. `model` picks the base model or an
+        adapter (see `models()`). Closing the iterator early
         (`aclose()`) cancels the generation and stores the partial reply.
         """
         conv = conversation_id or ""
@@ -431,6 +470,7 @@ class ChatService:
                     "top_k": top_k,
                     "repetition_penalty": repetition_penalty,
                     "seed": seed,
+                    "model": model,
                 }
             )
             job = await self._prepare_chat(req, None, CHAT_DEFAULTS, self.settings.system_prompt)
@@ -472,7 +512,7 @@ class ChatService:
     ) -> _Job:
         """Validate against the model, build the prompt (from memory for a stored conversation), store the turn."""
         engine, _, _ = self._ready()
-        self.check_model(req.model)
+        model_id, adapter = self.select_model(req.model)
         window = engine.context_window
         systems = [m.text for m in req.messages if m.norm_role == "system"]
         turns = [m.to_template() for m in req.messages if m.norm_role != "system"]
@@ -480,7 +520,7 @@ class ChatService:
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         system: str | None = None
         history: _History | None = None
-        job = _Job(new_id("chatcmpl"), engine.name, [], [], req.stops, 0)
+        job = _Job(new_id("chatcmpl"), model_id, [], [], req.stops, 0, adapter=adapter)
         job.key = "req-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:40] if idempotency_key else job.id
         try:
             if req.conversation_id is not None:
@@ -516,7 +556,7 @@ class ChatService:
             job.conversation_id, job.replay, job.prompts, job.params = req.conversation_id, history.replay, [], []
         elif req.store is not False:
             job.conversation_id = await self._db_call(
-                self._store_turns, req.conversation_id, system, turns, job.key, req.user
+                self._store_turns, req.conversation_id, system, turns, job.key, req.user, job.model
             )
         return job
 
@@ -549,7 +589,7 @@ class ChatService:
         handles: list[RequestHandle] = []
         try:
             for prompt, params in zip(job.prompts, job.params, strict=True):
-                handles.append(scheduler.submit(prompt, params, job.stop, loop=loop))
+                handles.append(scheduler.submit(prompt, params, job.stop, loop=loop, adapter=job.adapter))
         except BaseException as exc:
             for handle in handles:
                 handle.cancel()
@@ -703,7 +743,7 @@ class ChatService:
 
     def _store_turns(
         self, conversation_id: str | None, system: str | None, turns: list[dict[str, str]], key: str,
-        user: str | None,
+        user: str | None, model: str,
     ) -> str:  # fmt: skip
         """Store the request's new messages (creating the conversation if needed) in one transaction."""
         with session_scope(self.db) as s:  # type: ignore[arg-type]
@@ -712,7 +752,7 @@ class ChatService:
                 conversation = crud.create_conversation(
                     s,
                     title=_db_text(_title(turns)),
-                    model=self.model_name,
+                    model=model,
                     meta=meta,
                     system_prompt=None if system is None else _db_text(system),
                 )

@@ -341,7 +341,10 @@ class Trainer:
             step_rate = record["tokens"] / took
             rate = step_rate if rate is None else 0.9 * rate + 0.1 * step_rate  # smoothed for display
             epoch = self.step * self.global_batch / len(self.train_data)
-            self._record({**record, "tokens_per_s": step_rate, "epoch": epoch, "elapsed_s": self.elapsed})
+            self._record(
+                {**record, "total_steps": self.total_steps, "tokens_per_s": step_rate, "epoch": epoch,
+                 "elapsed_s": self.elapsed}
+            )  # fmt: skip
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:.0f}", lr=f"{record['lr']:.2e}", refresh=False)
             bar.update(1)
             done = self.step == self.total_steps
