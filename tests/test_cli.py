@@ -399,7 +399,12 @@ def read_until(proc: subprocess.Popen[str], sel: selectors.BaseSelector, buf: li
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on() -> None:
-    proc = start(["chat", "--temperature", "0", "--max-tokens", "400"], stdin=subprocess.PIPE)
+    # A terminal's Ctrl-C: the child must react to SIGINT even when this test runs in a background job (`make
+    # test &`), whose children inherit SIGINT as ignored, and an ignored SIGINT never becomes KeyboardInterrupt.
+    proc = start(
+        ["chat", "--temperature", "0", "--max-tokens", "400"], stdin=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)

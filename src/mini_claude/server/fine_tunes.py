@@ -87,8 +87,9 @@ class FineTuneService:
 
     async def list(self, limit: int, offset: int) -> FineTuneJobList:
         runner = self._ready()
-        jobs = await anyio.to_thread.run_sync(runner.list, limit + 1, offset)
-        return FineTuneJobList(data=[_job(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
+        jobs = await anyio.to_thread.run_sync(runner.list, limit, offset)
+        more = await anyio.to_thread.run_sync(runner.list, 1, offset + limit) if len(jobs) == limit else []
+        return FineTuneJobList(data=[_job(j) for j in jobs], has_more=bool(more))
 
     async def cancel(self, job_id: str) -> FineTuneJob:
         runner = self._ready()
