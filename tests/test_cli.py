@@ -444,3 +444,18 @@ def test_errors_in_real_processes_have_no_traceback(tmp_path: Path, truncated_gg
         r = finish(proc)
         assert_one_error_line(r.returncode, r.stdout, r.stderr, contains)
         assert r.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [("runs/a/adapter", ["runs/a/adapter"]), ("runs/a/adapter,support=runs/b", ["runs/a/adapter", "support=runs/b"]),
+     ('["runs/a/adapter", "x=runs/b"]', ["runs/a/adapter", "x=runs/b"])],
+)  # fmt: skip
+def test_serve_takes_one_or_several_adapters(flag: str, expected: list[str]) -> None:
+    """`serve --adapter` parses as a user types it, and reaches the settings as a list of specs."""
+    from mini_claude.__main__ import build_parser
+    from mini_claude.cli import COMMANDS
+    from mini_claude.settings import Settings
+
+    parsed = build_parser(COMMANDS).parse_args(["serve", "--adapter", flag]).serve.adapter
+    assert Settings(_env_file=None, adapters=parsed).adapters == expected  # type: ignore[call-arg]

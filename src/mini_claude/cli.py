@@ -247,7 +247,7 @@ def serve(
     port: int | None = None,
     database_url: str | None = None,
     max_batch_size: int | None = None,
-    adapter: list[str] | None = None,
+    adapter: str | list[str] | None = None,
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
     quantize: Literal["auto", "none", "int8", "int4"] | None = None,
     threads: int | None = None,
@@ -265,8 +265,8 @@ def serve(
         database_url: where conversations are stored (default sqlite:///./mini_claude.db; PostgreSQL via
             postgresql+psycopg://user@host/db).
         max_batch_size: most sequences decoded together (continuous batching).
-        adapter: LoRA adapter dirs (DIR or NAME=DIR), each served as its own model next to the base one;
-            repeat the flag or give a JSON list (default: settings' adapters).
+        adapter: LoRA adapter dirs (DIR or NAME=DIR; several comma-separated), each served as its own model
+            next to the base one (default: settings' adapters).
         dtype: compute dtype; auto picks bf16 where the CPU supports it.
         quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
