@@ -15,7 +15,13 @@ from typing import Any
 
 import anyio
 
-from mini_claude.server.protocol import FineTuneError, FineTuneJob, FineTuneJobList, FineTuneRequest
+from mini_claude.server.protocol import (
+    FineTuneError,
+    FineTuneHyperparameters,
+    FineTuneJob,
+    FineTuneJobList,
+    FineTuneRequest,
+)
 from mini_claude.server.serving import APIError, ChatService, invalid
 from mini_claude.train.jobs import FineTuneRunner, JobError, JobNotFoundError
 
@@ -113,7 +119,8 @@ def _job(job: dict[str, Any]) -> FineTuneJob:
     return FineTuneJob(
         id=job["id"], model=job["model"], status=job["status"], progress=job["progress"],
         fine_tuned_model=job["fine_tuned_model"] if job["status"] == "succeeded" else None,
-        training_files=job["training_files"], hyperparameters=job["hyperparameters"], result=job["result"],
+        training_files=job["training_files"], result=job["result"],
+        hyperparameters=FineTuneHyperparameters.from_finetune_args(job["hyperparameters"]),
         error=FineTuneError(message=job["error"]) if job["error"] else None,
         created_at=_timestamp(job["created_at"]), updated_at=_timestamp(job["updated_at"]),
     )  # fmt: skip

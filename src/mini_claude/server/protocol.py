@@ -441,11 +441,22 @@ class FineTuneHyperparameters(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**32)
 
     def to_finetune_args(self) -> dict[str, Any]:
-        renamed = {"n_epochs": "epochs", "max_steps": "steps", "learning_rate": "lr"}
-        args = {renamed.get(k, k): v for k, v in self.model_dump(exclude_none=True).items()}
+        args = {RENAMED.get(k, k): v for k, v in self.model_dump(exclude_none=True).items()}
         if args.get("targets") == ["all-linear"]:
             args["targets"] = "all-linear"
         return args
+
+    @classmethod
+    def from_finetune_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """The API's names for a job's stored `finetune` arguments (what the client sent)."""
+        back = {v: k for k, v in RENAMED.items()}
+        out = {back.get(k, k): v for k, v in args.items()}
+        if out.get("targets") == "all-linear":
+            out["targets"] = ["all-linear"]
+        return out
+
+
+RENAMED = {"n_epochs": "epochs", "max_steps": "steps", "learning_rate": "lr"}  # API name -> `finetune` flag
 
 
 class FineTuneRequest(_Request):
