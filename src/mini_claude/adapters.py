@@ -65,25 +65,32 @@ class AdapterInfo:
 
 @dataclass
 class _Route:
-    """Which adapter each row of the current forward uses: (adapter id, rows), rows None meaning all rows."""
+    """Which adapters the rows of the current forward use: one for every row (`adapter`), or one per row
+    (`slots`: adapter id + 1, 0 for the base model). Neither set: the base model alone."""
 
-    groups: tuple[tuple[int, Tensor | None], ...] = ()
+    adapter: int | None = None
+    slots: Tensor | None = None
+    n_slots: int = 0  # every adapter id of the set + 1, so a stack covers adapters that skip this layer too
 
 
 class AdapterLinear(nn.Module):
     """A frozen linear layer plus per-row low-rank updates: y_i = base(x_i) + s_k B_k A_k x_i for row i's k.
 
-    The updates live in a plain dict (adapter id -> (A, B, scaling)), not as parameters: they are inference
-    state that comes and goes while the model runs, and must never be trained or saved with the model.
-    A and B keep the adapter's float32, as in training; the row's input is cast to it for the two small
-    matmuls and the sum is cast back to the base output's dtype.
+    The updates live in a plain dict (adapter id -> (A, (s B)ᵀ)), not as parameters: they are inference state
+    that comes and goes while the model runs, and must never be trained or saved with the model. The scaling
+    is folded into B, so a batch that uses one adapter costs two small matmuls per layer and an add. They stay
+    float32 even under a bf16 model, as in training, and for speed: on a CPU, a (1 x 576) @ (576 x 8) matmul
+    takes about 5 us in float32 and about 45 us in bf16 (oneDNN's per-call overhead), and a decode step makes
+    hundreds of them. A batch that mixes adapters gathers each row's A and B from stacked copies (the base
+    model's slot is zeros) and uses two batched matmuls, however many adapters it mixes.
     """
 
     def __init__(self, base_layer: nn.Module, route: _Route) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.route = route  # shared by every AdapterLinear of the model; AdapterSet.route() fills it
-        self.updates: dict[int, tuple[Tensor, Tensor, float]] = {}
+        self.updates: dict[int, tuple[Tensor, Tensor]] = {}  # id -> A (r, in), (scaling * B)ᵀ (r, out)
+        self._stacked: tuple[Tensor, Tensor] | None = None  # (ids + 1, R, in), (ids + 1, R, out); slot 0 zeros
 
     @property
     def in_features(self) -> int:
@@ -93,17 +100,41 @@ class AdapterLinear(nn.Module):
     def out_features(self) -> int:
         return int(self.base_layer.out_features)
 
+    def add(self, adapter: int, a: Tensor, b_scaled_t: Tensor) -> None:
+        self.updates[adapter] = (a, b_scaled_t)
+        self._stacked = None
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)  # (B, T, out)
-        for adapter, rows in self.route.groups:
-            update = self.updates.get(adapter)
+        route = self.route
+        if route.adapter is not None:
+            update = self.updates.get(route.adapter)
             if update is None:  # this adapter does not touch this layer
-                continue
-            a, b, scaling = update
-            xs = x if rows is None else x.index_select(0, rows)
-            delta = nn.functional.linear(nn.functional.linear(xs.to(a.dtype), a), b) * scaling  # (rows, T, out)
-            y = y + delta.to(y.dtype) if rows is None else y.index_add(0, rows, delta.to(y.dtype))
+                return y
+            a, bt = update
+            h = torch.mm(x.reshape(-1, a.shape[1]).to(a.dtype), a.t())  # (B*T, r)
+            return y + torch.mm(h, bt).view_as(y).to(y.dtype)
+        if route.slots is not None and self.updates:
+            a_all, bt_all = self._stack(route.n_slots)
+            a, bt = a_all[route.slots], bt_all[route.slots]  # each row's own: (B, R, in), (B, R, out)
+            h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # (B, T, R)
+            return y + torch.bmm(h, bt).to(y.dtype)
         return y
+
+    def _stack(self, slots: int) -> tuple[Tensor, Tensor]:
+        """Every adapter's A and B in one tensor each, indexed by adapter id + 1 and padded to the largest rank
+        with zeros (which add nothing; so are the slots of the base model and of adapters that skip this
+        layer). Rebuilt when adapters are added, under the lock `route()` holds."""
+        if self._stacked is None or self._stacked[0].shape[0] < slots:
+            a0, bt0 = next(iter(self.updates.values()))
+            rank = max(a.shape[0] for a, _ in self.updates.values())
+            a_all = a0.new_zeros(slots, rank, self.in_features)
+            bt_all = bt0.new_zeros(slots, rank, self.out_features)
+            for adapter, (a, bt) in self.updates.items():
+                a_all[adapter + 1, : a.shape[0]] = a
+                bt_all[adapter + 1, : bt.shape[0]] = bt
+            self._stacked = (a_all, bt_all)
+        return self._stacked
 
     def extra_repr(self) -> str:
         return f"adapters={sorted(self.updates)}"
@@ -153,15 +184,15 @@ class AdapterSet:
         config, tensors = read_adapter(path)
         layers = self._check_fit(path, tensors)
         scaling = config.scaling
-        device = next(self.model.parameters()).device
-        updates = {
-            module: (a.to(device, torch.float32).contiguous(), b.to(device, torch.float32).contiguous())
+        device, _ = self._compute_device_dtype()
+        updates = {  # A (r, in) and (scaling * B)ᵀ (r, out), float32 (see AdapterLinear)
+            module: (a.to(device, torch.float32).contiguous(), (b.float() * scaling).t().to(device).contiguous())
             for module, (a, b) in layers.items()
         }
         with self._lock:
             adapter_id = max(self._ids.values(), default=-1) + 1
-            for module, (a, b) in updates.items():
-                self._wrapped(module).updates[adapter_id] = (a, b, scaling)
+            for module, (a, bt) in updates.items():
+                self._wrapped(module).add(adapter_id, a, bt)
             info = AdapterInfo(
                 name=name, path=str(path), rank=config.r, alpha=config.alpha, scaling=scaling,
                 modules=tuple(sorted(layers)), parameters=sum(a.numel() + b.numel() for a, b in updates.values()),
@@ -231,6 +262,14 @@ class AdapterSet:
                 return f"{module}'s saved base weight differs from this model's: the adapter was made for another model"
         return None
 
+    def _compute_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where and in which dtype the model's activations live (its embeddings'), which the updates follow."""
+        embeddings = getattr(self.model, "embed_tokens", None)
+        weight = getattr(embeddings, "weight", None)
+        if not isinstance(weight, Tensor):
+            weight = next(p for p in self.model.parameters() if p.is_floating_point())
+        return weight.device, weight.dtype
+
     def _wrapped(self, module: str) -> AdapterLinear:
         """The AdapterLinear at `module`, wrapping the layer there first if no adapter has touched it yet."""
         layer = self.model.get_submodule(module)
@@ -254,19 +293,15 @@ class AdapterSet:
                 unknown = sorted({a for a, i in zip(adapters, ids, strict=True) if i == -1})  # type: ignore[type-var]
                 raise AdapterError(f"no adapter named {', '.join(map(repr, unknown))} is loaded")
             if ids and all(i == ids[0] for i in ids):
-                groups: tuple[tuple[int, Tensor | None], ...] = () if ids[0] is None else ((ids[0], None),)
+                self._route.adapter = ids[0]  # None: the base model for every row
             else:
-                device = next(self.model.parameters()).device
-                rows: dict[int, list[int]] = {}
-                for row, i in enumerate(ids):
-                    if i is not None:
-                        rows.setdefault(i, []).append(row)
-                groups = tuple((i, torch.tensor(r, device=device)) for i, r in rows.items())
-            self._route.groups = groups
+                device, _ = self._compute_device_dtype()
+                self._route.slots = torch.tensor([0 if i is None else i + 1 for i in ids], device=device)
+                self._route.n_slots = max(self._ids.values()) + 2
             try:
                 yield
             finally:
-                self._route.groups = ()
+                self._route.adapter = self._route.slots = None
 
 
 def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
