@@ -377,6 +377,45 @@ def test_stop_cancels_the_generation_and_keeps_the_partial_reply(
     assert tab.errors == []
 
 
+@pytest.mark.slow
+def test_the_model_picker_chooses_an_adapter_loaded_while_serving(
+    server: LiveServer, browser: Browser, reference: Engine, tmp_path: Path
+) -> None:
+    """An adapter added to the running server (as a finished fine-tune job does) is offered on the next page load,
+    and choosing it makes the replies the adapter's."""
+    import copy
+
+    from mini_claude.lora import LoRAConfig, apply_lora, save_adapter
+
+    lora = apply_lora(copy.deepcopy(reference.model), LoRAConfig(r=4, alpha=8, init_lora_weights=False))
+    path = save_adapter(lora, tmp_path / "tuned")
+    server.service.load_adapter(str(path), "tuned")
+    tuned = Engine(copy.deepcopy(reference.model), reference.tokenizer, "tiny-words")
+    tuned.load_adapter(path, "tuned")
+    messages = [{"role": "user", "content": "hello adapter"}]
+    params = SamplingParams(
+        max_new_tokens=24, temperature=0.0, top_p=CHAT_DEFAULTS["top_p"],
+        repetition_penalty=CHAT_DEFAULTS["repetition_penalty"],
+    )  # fmt: skip
+    want = tuned.complete(tuned.encode_chat(messages), params, adapter="tuned").text
+    assert words(want) != words(expected_reply(reference, messages, 24))  # the adapter changes the reply
+
+    page = browser.context.new_page()
+    try:
+        page.goto(server.url + "/ui/")
+        page.locator("#message textarea").wait_for()
+        page.locator("#model input").click()
+        page.get_by_role("option", name="tuned").click()
+        set_slider(page, "temperature", 0)
+        set_slider(page, "max-tokens", 24)
+        send(page, "hello adapter")
+        wait_for_reply(page, want)
+    finally:
+        page.close()
+    [conversation] = [c for c in server.service.list_conversations() if c["title"] == "hello adapter"]
+    assert conversation["model"] == "tuned"
+
+
 # ------------------------------------------------------------------------------- the stop signal, no browser
 
 

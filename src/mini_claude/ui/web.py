@@ -66,7 +66,12 @@ class ChatService(Protocol):
         system_prompt: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        *,
+        model: str | None = None,
     ) -> AsyncIterator[ReplyEventLike]: ...
+
+    @property
+    def model_ids(self) -> list[str]: ...
 
     def list_conversations(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]: ...
 
@@ -126,6 +131,13 @@ def build_ui(service: ChatService) -> gr.Blocks:
     stops: dict[str, asyncio.Event] = {}  # browser session -> the Stop signal of its reply in progress
     default_max_tokens = getattr(getattr(service, "settings", None), "max_tokens", DEFAULT_MAX_TOKENS)
 
+    def model_list(current: str | None = None) -> dict[str, Any]:
+        """A dropdown update with the served models (the base one first, then adapters), keeping `current`.
+
+        Read when a page loads, so adapters added since (a finished fine-tune job) appear on reload."""
+        ids = service.model_ids
+        return gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))
+
     def conversation_list(selected: str | None = None) -> dict[str, Any]:
         """A radio update listing the stored conversations, with `selected` highlighted (None: none)."""
         rows = _friendly(service.list_conversations, LIST_LIMIT)
@@ -138,6 +150,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
         system_prompt: str,
         temperature: float,
         max_tokens: float,
+        model: str | None,
         request: gr.Request,
     ) -> AsyncIterator[tuple[Any, Any, Any, Any]]:
         """Stream one reply into the chat pane; outputs are (chat, message box, open conversation, list)."""
@@ -155,6 +168,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
             system_prompt=system_prompt.strip() or None,
             temperature=float(temperature),
             max_tokens=int(max_tokens),
+            model=model or None,
         )
         try:
             # Leaving this block, however it happens, closes the service's iterator: that cancels the generation.
@@ -219,6 +233,9 @@ def build_ui(service: ChatService) -> gr.Blocks:
                 conversations = gr.Radio(choices=[], label="Conversations", elem_id="conversations")
                 delete_button = gr.Button("Delete conversation", variant="stop", size="sm", elem_id="delete")
                 with gr.Accordion("Settings", open=True):
+                    model = gr.Dropdown(
+                        choices=[], label="Model", info="the base model or a LoRA adapter on it", elem_id="model"
+                    )
                     system_prompt = gr.Textbox(
                         label="System prompt",
                         placeholder="Optional instructions for the assistant",
@@ -258,7 +275,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
         gr.on(
             [send_button.click, message.submit],
             send,
-            [message, chat, open_id, system_prompt, temperature, max_tokens],
+            [message, chat, open_id, system_prompt, temperature, max_tokens, model],
             [chat, message, open_id, conversations],
             trigger_mode="once",  # one reply at a time per page
             concurrency_limit=None,  # many tabs' replies are batched by the service's scheduler, not serialised
@@ -274,6 +291,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
         chat.clear(new_conversation, None, [chat, open_id, conversations], **private)
         delete_button.click(delete_conversation, [open_id], [chat, open_id, conversations], **private)
         demo.load(conversation_list, None, [conversations], **private)
+        demo.load(model_list, [model], [model], **private)
     return demo
 
 
