@@ -30,12 +30,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mini_claude.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, from_peft_key
+from mini_claude.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, read_adapter_files
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 
@@ -162,10 +161,10 @@ class AdapterSet:
             raise AdapterError(f"adapter name {name!r} must be 1-128 letters, digits or ._:/@+- (no spaces)")
         if name in self._ids or name in reserved:
             raise AdapterError(f"the name {name!r} is already taken; give the adapter another name")
-        config, tensors = read_adapter(path)
+        config, tensors, base_model = read_adapter(path)
         layers = self._check_fit(path, tensors)
         scaling = config.scaling
-        device, _ = self._compute_device_dtype()
+        device = self._device()
         updates = {  # A (r, in) and (scaling * B)ᵀ (r, out), float32 (see AdapterLinear)
             module: (a.to(device, torch.float32).contiguous(), (b.float() * scaling).t().to(device).contiguous())
             for module, (a, b) in layers.items()
@@ -177,7 +176,7 @@ class AdapterSet:
             info = AdapterInfo(
                 name=name, path=str(path), rank=config.r, alpha=config.alpha, scaling=scaling,
                 modules=tuple(sorted(layers)), parameters=sum(a.numel() + b.numel() for a, b in updates.values()),
-                base_model=_base_model_name(path),
+                base_model=base_model,
             )  # fmt: skip
             self._ids[name], self._info[name] = adapter_id, info
         return info
@@ -243,13 +242,11 @@ class AdapterSet:
                 return f"{module}'s saved base weight differs from this model's: the adapter was made for another model"
         return None
 
-    def _compute_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        """Where and in which dtype the model's activations live (its embeddings'), which the updates follow."""
+    def _device(self) -> torch.device:
+        """Where the model computes (its embeddings' device): the updates and row masks live there too."""
         embeddings = getattr(self.model, "embed_tokens", None)
         weight = getattr(embeddings, "weight", None)
-        if not isinstance(weight, Tensor):
-            weight = next(p for p in self.model.parameters() if p.is_floating_point())
-        return weight.device, weight.dtype
+        return weight.device if isinstance(weight, Tensor) else next(self.model.parameters()).device
 
     def _wrapped(self, module: str) -> AdapterLinear:
         """The AdapterLinear at `module`, wrapping the layer there first if no adapter has touched it yet."""
@@ -276,7 +273,7 @@ class AdapterSet:
             if ids and all(i == ids[0] for i in ids):
                 self._route.adapter = ids[0]  # None: the base model for every row
             else:
-                device, _ = self._compute_device_dtype()
+                device = self._device()
                 self._route.groups = tuple(
                     (k, torch.tensor([float(i == k) for i in ids], device=device).view(-1, 1, 1))
                     for k in sorted({i for i in ids if i is not None})
@@ -301,10 +298,10 @@ def default_adapter_name(path: Path) -> str:
     return path.parent.name if path.name == "adapter" and path.parent.name else path.name
 
 
-def read_adapter(path: Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
-    """The config and tensors (by our module names) of a PEFT-format adapter dir, refusing what we cannot serve."""
+def read_adapter(path: Path) -> tuple[LoRAConfig, dict[str, Tensor], str | None]:
+    """The config, tensors (by our module names) and stated base model of a PEFT-format adapter dir, read by
+    `lora.read_adapter_files`; refuses, with the reason, what cannot be read or served."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     if not path.is_dir():
         raise AdapterError(f"adapter dir not found: {path}")
@@ -312,9 +309,11 @@ def read_adapter(path: Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
     if missing:
         raise AdapterError(f"{path} is not an adapter dir: it lacks {' and '.join(missing)}")
     try:
-        config = LoRAConfig.from_peft_dict(json.loads((path / ADAPTER_CONFIG).read_text()))
+        config, tensors, raw = read_adapter_files(path)
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path / ADAPTER_CONFIG} is not valid JSON: {exc}") from None
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{path / ADAPTER_WEIGHTS} cannot be read: {exc}") from None
     except (KeyError, TypeError, ValueError, NotImplementedError) as exc:
         raise AdapterError(f"{path / ADAPTER_CONFIG}: {exc}") from None
     if config.bias != "none":
@@ -322,13 +321,4 @@ def read_adapter(path: Path) -> tuple[LoRAConfig, dict[str, Tensor]]:
             f"{path} trains biases (bias={config.bias!r}), which change the base model for every request; serve a "
             "merged model instead (lora.export_merged)"
         )
-    try:
-        tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    except (SafetensorError, OSError) as exc:
-        raise AdapterError(f"{path / ADAPTER_WEIGHTS} cannot be read: {exc}") from None
-    return config, {from_peft_key(k): t for k, t in tensors.items()}
-
-
-def _base_model_name(path: Path) -> str | None:
-    data: dict[str, Any] = json.loads((path / ADAPTER_CONFIG).read_text())
-    return data.get("base_model_name_or_path") or None
+    return config, tensors, raw.get("base_model_name_or_path") or None

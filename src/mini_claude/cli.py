@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from mini_claude.adapters import parse_adapter_spec
 from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, list_models, resolve_model
 from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
@@ -56,6 +55,7 @@ def load_engine(
         quantize=quantize or settings.quantize,
         threads=threads or settings.threads,
         name=name,
+        adapters=list(adapters),
     )
     if quiet or not console.is_terminal:
         if not quiet:
@@ -75,10 +75,7 @@ def load_engine(
             f"context {config.max_seq_len}, {(config.quantization or {}).get('mode', 'dense')} weights, "
             f"loaded in {time.perf_counter() - start:.1f}s[/dim]"
         )
-    for spec in adapters:
-        name, path = parse_adapter_spec(spec)
-        info = engine.load_adapter(path, name)
-        if not quiet:
+        for info in map(engine.adapters.info, engine.adapters.names):
             console.print(
                 f"[dim]adapter {info.name}: LoRA rank {info.rank} on {', '.join(info.targets)}, "
                 f"{_count(info.parameters)} parameters[/dim]"

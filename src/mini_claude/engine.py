@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mini_claude.adapters import AdapterInfo, AdapterSet
+from mini_claude.adapters import AdapterInfo, AdapterSet, parse_adapter_spec
 from mini_claude.checkpoint import load_model
 from mini_claude.generate import BatchGenerator, ContextOverflowError, SamplingParams, SequenceState, TokenEvent
 from mini_claude.model import Transformer
@@ -147,10 +147,10 @@ class Engine:
         progress: Callable[[int, int], None] | None = None,
         quantize: str = "auto",
         name: str | None = None,
-        adapters: Sequence[str | Path] = (),
+        adapters: Sequence[str] = (),
     ) -> Engine:
-        """Load a checkpoint (see `checkpoint.load_checkpoint`) and LoRA adapter dirs on it; `name` is how
-        front ends will refer to the base model (adapters take their dir's name)."""
+        """Load a checkpoint (see `checkpoint.load_checkpoint`) and LoRA adapters on it, each `DIR` (named after
+        the dir) or `NAME=DIR`; `name` is how front ends will refer to the base model."""
         if threads:
             torch.set_num_threads(threads)
         with _eager_memory_release():
@@ -159,8 +159,9 @@ class Engine:
         engine = cls(
             model, tokenizer, name or (saved_name if path.is_dir() else path.name.removesuffix(".gguf")), str(source)
         )
-        for adapter in adapters:
-            engine.load_adapter(adapter)
+        for spec in adapters:
+            adapter_name, adapter_dir = parse_adapter_spec(spec)
+            engine.load_adapter(adapter_dir, adapter_name)
         return engine
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> AdapterInfo:
@@ -206,7 +207,6 @@ class Engine:
         `adapter` names a loaded LoRA adapter to generate with (None: the base model). Closing the iterator
         early (a client went away, Ctrl-C) stops the work for all its sequences.
         """
-        self.adapters.check(adapter)
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         fitted = [self.fit_prompt(list(p), truncate) for p in prompts]
         gen = BatchGenerator(self.model, len(prompts), self.tokenizer.stop_ids, self.adapters)

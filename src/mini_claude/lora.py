@@ -545,19 +545,31 @@ def save_adapter(
     return path
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Apply the adapter in a PEFT-format dir (written here or by `peft`) to a model without one.
+def read_adapter_files(path: str | Path) -> tuple[LoRAConfig, dict[str, Tensor], dict[str, Any]]:
+    """The config, the tensors by our parameter names, and the raw `adapter_config.json` of a PEFT-format dir.
 
-    Besides lora_A/lora_B (and biases), PEFT may store whole base weights of "embedding layers" it saw in
-    the targets (e.g. `lm_head.base_layer.weight`); like PEFT, we load those into the base model.
+    Raises FileNotFoundError without both files, ValueError (json.JSONDecodeError included) or
+    NotImplementedError for a config we cannot honour, and safetensors' error for an unreadable weights file.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / ADAPTER_CONFIG).exists() or not (path / ADAPTER_WEIGHTS).exists():
         raise FileNotFoundError(f"{path} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    config = LoRAConfig.from_peft_dict(json.loads((path / ADAPTER_CONFIG).read_text()))
+    raw = json.loads((path / ADAPTER_CONFIG).read_text())
+    config = LoRAConfig.from_peft_dict(raw)
     tensors = {from_peft_key(k): t for k, t in load_file(str(path / ADAPTER_WEIGHTS)).items()}
+    return config, tensors, raw
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply the adapter in a PEFT-format dir (written here or by `peft`) to a model without one.
+
+    Besides lora_A/lora_B (and biases), PEFT may store whole base weights of "embedding layers" it saw in
+    the targets (e.g. `lm_head.base_layer.weight`); like PEFT, we load those into the base model.
+    """
+    path = Path(path)
+    config, tensors, _ = read_adapter_files(path)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     apply_lora(model, config)
     expected = lora_state_dict(model)

@@ -31,7 +31,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mini_claude.adapters import parse_adapter_spec
 from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, resolve_model
 from mini_claude.db import init_db, make_engine
 from mini_claude.engine import Engine
@@ -51,11 +50,10 @@ def load_engine(settings: Settings) -> Engine:
     """The model named by the settings (the bundled one by default), as `mini-claude serve` loads it."""
     path = resolve_model(settings.model)
     name = BUNDLED_NAME if path == bundled_model_path() else path.name.removesuffix(".gguf")
-    engine = Engine.load(path, dtype=settings.dtype, quantize=settings.quantize, threads=settings.threads, name=name)
-    for spec in settings.adapters:
-        name, adapter_dir = parse_adapter_spec(spec)
-        engine.load_adapter(adapter_dir, name)
-    return engine
+    return Engine.load(
+        path, dtype=settings.dtype, quantize=settings.quantize, threads=settings.threads, name=name,
+        adapters=settings.adapters,
+    )  # fmt: skip
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

@@ -257,14 +257,14 @@ class FineTuneRunner:
                     _kill(process)
         finally:
             self._running = None
-        self._finish(job_id, process.returncode, running.cancelled.is_set(), job_dir)
+        self._finish(job_id, job["fine_tuned_model"], process.returncode, running.cancelled.is_set(), job_dir)
 
     def _cancelled_elsewhere(self, job_id: str) -> bool:
         with session_scope(self.db) as s:
             job = crud.get_fine_tune_job(s, job_id)
             return job is None or job.status == "cancelled"
 
-    def _finish(self, job_id: str, returncode: int, cancelled: bool, job_dir: Path) -> None:
+    def _finish(self, job_id: str, name: str, returncode: int, cancelled: bool, job_dir: Path) -> None:
         with self._wake:
             closing = self._closed
         if cancelled:
@@ -279,7 +279,6 @@ class FineTuneRunner:
             return
         summary = json.loads((job_dir / "run" / "summary.json").read_text())
         result = {key: summary.get(key) for key in RESULT_KEYS} | {"adapter": summary["adapter"]}
-        name = self.get(job_id)["fine_tuned_model"]
         error = None
         if self.on_adapter is not None:
             try:
