@@ -6,6 +6,7 @@ than skip when it is missing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,21 @@ import torch
 
 from helpers import make_hf_model, save_hf
 from mini_claude.catalog import bundled_model_path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Modules marked `one_thread` run on one torch thread: tiny matmuls are far faster that way, above all
+    on a shared, busy CPU. Module-scoped and autouse, so it is in force before the module's own fixtures."""
+    if request.node.get_closest_marker("one_thread") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(params=["llama", "qwen2", "gpt2"])

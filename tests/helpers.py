@@ -7,6 +7,8 @@ converters on the exact files a user would have. The bundled model is required: 
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from tokenizers import Tokenizer as BPETokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 TINY_VOCAB = 272  # 256 byte tokens + specials + room, a multiple of 16
+POSTGRES_URL = os.environ.get("MINI_CLAUDE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def tiny_tokenizer() -> BPETokenizer:
@@ -74,3 +77,32 @@ def make_hf_model(kind: str, seed: int = 0) -> torch.nn.Module:
             if p.ndim == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name or "ln_" in name else 0.0))
     return model.eval()
+
+
+@functools.cache
+def postgres_problem() -> str | None:
+    """Why PostgreSQL cannot be used (checked once per run), or None when it answers."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        return f"PostgreSQL at {POSTGRES_URL} is unreachable: {str(error).splitlines()[0]}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def require_postgres() -> None:
+    """Skip the calling test when PostgreSQL is down, or fail it when running in CI."""
+    import pytest
+
+    problem = postgres_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{problem} (CI=true: PostgreSQL tests must run)")
+    pytest.skip(f"{problem}; start it or set MINI_CLAUDE_TEST_POSTGRES_URL (with CI=true this fails)")

@@ -28,18 +28,11 @@ from mini_claude.generate import ContextOverflowError, SamplingParams
 from mini_claude.model import Transformer
 from mini_claude.tokenizer import IncrementalDetokenizer, Tokenizer
 
+pytestmark = pytest.mark.one_thread  # tiny models: a second thread only adds barrier waits
+
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=30)
 EMOJI_TEXT = "héllo 世界 🎉👍🏽"
 MIXED_TEXT = "Ünïcödé: naïve café — 日本語のテキスト, 한국어, emoji 👨‍👩‍👧 🇫🇷 and 🧑🏿‍🚀!\nsecond line\ttab ½ ∑ ∞"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls are far faster on one thread, above all on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

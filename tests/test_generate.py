@@ -14,7 +14,7 @@ the best and second-best token is far above float rounding and greedy ties canno
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 
 import pytest
 import torch
@@ -38,6 +38,8 @@ from mini_claude.generate import (
 )
 from mini_claude.model import Transformer
 
+pytestmark = pytest.mark.one_thread  # tiny models: a second thread only adds barrier waits
+
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
 
@@ -45,15 +47,6 @@ def tiny_model(max_seq_len: int = 256, seed: int = 0) -> Transformer:
     model = Transformer(PRESETS["tiny-llama"].replace(max_seq_len=max_seq_len))
     model.init_weights(std=1.0, generator=torch.Generator().manual_seed(seed))
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls are far faster on one thread, above all on a shared, busy CPU (no spin-waiting workers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,10 @@ from mini_claude.generate import SamplingParams
 from mini_claude.model import Transformer
 from mini_claude.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.one_thread  # tiny models: a second thread only adds barrier waits
+
 PARAMS = SamplingParams(temperature=0.0, max_new_tokens=8)
 SYSTEM = "You are a test."
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls are far faster on one thread, above all on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ against another server.
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,36 +20,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
 
+from helpers import POSTGRES_URL, require_postgres
 from mini_claude.db import init_db, make_engine
 
-POSTGRES_URL = os.environ.get("MINI_CLAUDE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
-
-
-@functools.cache
-def _postgres_problem() -> str | None:
-    """Why PostgreSQL cannot be used (checked once per run), or None when it answers."""
-    engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except SQLAlchemyError as error:
-        return f"PostgreSQL at {POSTGRES_URL} is unreachable: {str(error).splitlines()[0]}"
-    finally:
-        engine.dispose()
-    return None
-
-
-def require_postgres() -> None:
-    """Skip the calling test when PostgreSQL is down, or fail it when running in CI."""
-    problem = _postgres_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{problem} (CI=true: PostgreSQL tests must run)")
-    pytest.skip(f"{problem}; start it or set MINI_CLAUDE_TEST_POSTGRES_URL (with CI=true this fails)")
 
 
 @contextlib.contextmanager

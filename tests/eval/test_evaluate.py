@@ -23,14 +23,7 @@ from mini_claude.train.data import IGNORE_INDEX, encode_chat, load_records
 from mini_claude.train.finetune import load_data
 from mini_claude.train.trainer import TrainingError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine its barriers cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.one_thread  # tiny models: a second thread only adds barrier waits
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ with the reason when the server is unreachable, failed under `CI=true`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import socket
 import threading
@@ -29,9 +28,8 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import SQLAlchemyError
 
-from helpers import TINY_VOCAB, tiny_tokenizer
+from helpers import POSTGRES_URL, TINY_VOCAB, require_postgres, tiny_tokenizer
 from mini_claude.config import PRESETS
 from mini_claude.engine import Engine
 from mini_claude.model import Transformer
@@ -39,7 +37,6 @@ from mini_claude.server import create_app
 from mini_claude.settings import Settings
 from mini_claude.tokenizer import Tokenizer
 
-POSTGRES_URL = os.environ.get("MINI_CLAUDE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CONTEXT = 256
 
 
@@ -157,26 +154,10 @@ def new_engine() -> Callable[..., Engine]:
 # ---------------------------------------------------------------------------------------------- PostgreSQL
 
 
-@functools.cache
-def _postgres_problem() -> str | None:
-    engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except SQLAlchemyError as error:
-        return f"PostgreSQL at {POSTGRES_URL} is unreachable: {str(error).splitlines()[0]}"
-    finally:
-        engine.dispose()
-    return None
-
-
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A URL whose connections see only a fresh schema of their own, dropped after the test."""
-    if (problem := _postgres_problem()) is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{problem} (CI=true: PostgreSQL tests must run)")
-        pytest.skip(problem)
+    require_postgres()
     name = f"mc_server_{uuid.uuid4().hex[:16]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:

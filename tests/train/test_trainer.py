@@ -24,6 +24,7 @@ from mini_claude.train.data import encode_chat
 from mini_claude.train.finetune import finetune
 from mini_claude.train.trainer import TrainConfig, Trainer, TrainingError, lr_factor
 
+pytestmark = pytest.mark.one_thread  # tiny models: a second thread only adds barrier waits
 CONFIG = PRESETS["tiny-llama"].replace(vocab_size=TINY_VOCAB, max_seq_len=128)
 
 
@@ -44,15 +45,6 @@ def conversations(n: int) -> list[tuple[str, str]]:
 def examples(tok: Tokenizer) -> list[dict[str, list[int]]]:
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in conversations(12)]
     return [encode_chat(tok, c) for c in chats]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared machine its barriers cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_lora_model(dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> Transformer:
