@@ -38,6 +38,19 @@ def write_tiny_tokenizer(path: Path) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
+def save_tiny_model_dir(path: Path) -> Path:
+    """A tiny random Llama (the `tiny-llama` preset, 256-token context) with `tiny_tokenizer`, in our own dir
+    format: a real model dir that loads in a blink."""
+    from mini_claude.checkpoint import save_model_dir
+    from mini_claude.config import PRESETS
+    from mini_claude.model import Transformer
+    from mini_claude.tokenizer import Tokenizer
+
+    model = Transformer(PRESETS["tiny-llama"].replace(vocab_size=TINY_VOCAB))
+    model.init_weights(std=1.0, generator=torch.Generator().manual_seed(0))
+    return save_model_dir(path, model, Tokenizer(tiny_tokenizer(), eos_token="<|im_end|>"))
+
+
 def save_hf(model: torch.nn.Module, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

@@ -23,14 +23,11 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer as BPETokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
+from helpers import save_tiny_model_dir
 from mini_claude.__main__ import main
 from mini_claude.catalog import BUNDLED_NAME
-from mini_claude.checkpoint import read_gguf, save_model_dir
-from mini_claude.config import PRESETS
-from mini_claude.model import Transformer
+from mini_claude.checkpoint import read_gguf
 from mini_claude.tokenizer import Tokenizer
 
 ERROR_PREFIX = "mini-claude: error:"
@@ -106,13 +103,7 @@ def bundled_tokenizer(bundled_gguf: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model dir (256-token context) with a byte-level tokenizer: loads in a blink."""
-    backend = BPETokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    model = Transformer(PRESETS["tiny-llama"].replace(vocab_size=272))
-    model.init_weights(std=1.0, generator=torch.Generator().manual_seed(0))
-    return save_model_dir(tmp_path_factory.mktemp("models") / "tiny", model, Tokenizer(backend, eos_token="<|im_end|>"))
+    return save_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny")
 
 
 # ------------------------------------------------------------------------------ in-process, fast

@@ -11,20 +11,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from pydantic import ValidationError
-from tokenizers import Tokenizer as BPETokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
+from helpers import save_tiny_model_dir
 from mini_claude.__main__ import main
 from mini_claude.catalog import bundled_model_path, resolve_model
-from mini_claude.checkpoint import save_model_dir
 from mini_claude.cli import load_engine
-from mini_claude.config import PRESETS
-from mini_claude.model import Transformer
 from mini_claude.quantize import Int4Linear, Int8Linear
 from mini_claude.settings import Settings
-from mini_claude.tokenizer import Tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -41,15 +35,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model dir in our own format, with a byte-level tokenizer (every byte a token, ChatML specials)."""
-    backend = BPETokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    model = Transformer(PRESETS["tiny-llama"].replace(vocab_size=272))
-    model.init_weights(std=1.0, generator=torch.Generator().manual_seed(0))
-    return save_model_dir(
-        tmp_path_factory.mktemp("models") / "tiny-env", model, Tokenizer(backend, eos_token="<|im_end|>")
-    )
+    return save_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-env")
 
 
 def test_defaults() -> None:
