@@ -39,6 +39,17 @@ def test_own_dir_round_trip(hf_tiny: tuple[torch.nn.Module, Path], tmp_path: Pat
     assert tok2.stop_ids == tokenizer.stop_ids
 
 
+def test_every_loaded_weight_is_contiguous(hf_tiny: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+    """Whatever the file's layout (GPT-2 stores its projections transposed), the model holds dense tensors, so
+    one model runs the same kernels, and gives the same logits, whichever file it was read from."""
+    _, path = hf_tiny
+    model, tokenizer, _ = load_model(path, torch.float32)
+    again, _, _ = load_model(save_model_dir(tmp_path / "ours", model, tokenizer), torch.float32)
+    for loaded in (model, again):
+        strided = [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if not t.is_contiguous()]
+        assert not strided, f"non-contiguous weights: {strided}"
+
+
 def test_sharded_safetensors_dir_loads(tmp_path: Path) -> None:
     hf_model = make_hf_model("llama")
     hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
@@ -140,6 +151,7 @@ def test_gguf_file_loads_and_matches_its_dequantized_weights(tmp_path: Path, qty
     hf_model.load_state_dict(stored)  # the reference: transformers running exactly what the file holds
     idx = torch.randint(0, TINY_VOCAB, (2, 13), generator=torch.Generator().manual_seed(1))
     model, tokenizer, _ = load_model(tmp_path / "tiny.gguf", torch.float32)
+    assert all(p.is_contiguous() for p in model.parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf_model(idx).logits, rtol=1e-4, atol=1e-5)
     assert tokenizer.decode(tokenizer.encode("héllo wörld")) == "héllo wörld"

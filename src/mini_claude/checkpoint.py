@@ -435,10 +435,16 @@ def load_checkpoint(
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, Tensor]) -> Transformer:
-    """Build on the meta device, then adopt the tensors as parameters (no second copy, no random init)."""
+    """Build on the meta device, then adopt the tensors as parameters (no second copy, no random init).
+
+    Every weight is made contiguous first. Converters hand over views (GPT-2's transposed Conv1D weights,
+    rows split out of a fused qkv), and a matmul on a strided view runs a different kernel, with a different
+    summation order, than on the same values stored densely: the logits of one model would then depend on
+    which file it was read from, by a rounding error that differs from CPU to CPU.
+    """
     with torch.device("meta"):
         model = Transformer(config)
-    state = dict(state_dict)
+    state = {name: t.contiguous() for name, t in state_dict.items()}
     if config.tie_embeddings:
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])
     expected = set(model.state_dict())
