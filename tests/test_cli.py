@@ -450,3 +450,25 @@ def test_serve_takes_one_or_several_adapters(flag: str, expected: list[str]) -> 
 
     parsed = build_parser(COMMANDS).parse_args(["serve", "--adapter", flag]).serve.adapter
     assert Settings(_env_file=None, adapters=parsed).adapters == expected  # type: ignore[call-arg]
+
+
+def test_command_groups_parse_to_their_function(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A table inside the command table is a group: `mini-claude GROUP COMMAND --flags` calls that function."""
+    from mini_claude import __main__, cli
+
+    calls: list[tuple[str, object]] = []
+
+    def create(name: str, model: str | None = None) -> None:
+        """Create one.
+
+        Args:
+            name: what to call it.
+            model: the model it uses.
+        """
+        calls.append((name, model))
+
+    monkeypatch.setitem(cli.COMMANDS, "thing", {"create": create})
+    assert __main__.main(["thing", "create", "bob", "--model", "m"]) == 0
+    assert calls == [("bob", "m")]
+    assert __main__.main(["thing", "create"]) == 2  # a missing argument is a usage error, in one line
+    assert capsys.readouterr().err.count("\n") == 1

@@ -1,4 +1,7 @@
-"""`mini-claude` / `python -m mini_claude`: a table of subcommands, each a plain function in `cli.py`.
+"""`mini-claude` / `python -m mini_claude`: a table of subcommands, each a plain function (`cli.COMMANDS`).
+
+A table entry is a function (`mini-claude generate ...`) or a table of its own for a group of commands
+(`mini-claude agent create ...`); the functions may live in their own area's module.
 
 Flags come from the functions' signatures and docstrings (jsonargparse); `--config FILE.yaml` reads the
 same keys from YAML. Both `--max-tokens` and `--max_tokens` spellings work. User mistakes (bad flags,
@@ -28,13 +31,30 @@ def _normalize_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def build_parser(commands: dict[str, Callable[..., Any]]) -> Any:
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+Commands = dict[str, "Callable[..., Any] | Commands"]
+
+
+def build_parser(commands: Commands) -> Any:
+    from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="mini-claude", description=__doc__.splitlines()[0], exit_on_error=False)
+    _add_commands(parser, commands, "mini-claude")
+    return parser
+
+
+def _add_commands(parser: Any, commands: Commands, prog: str) -> None:
+    # jsonargparse wants nested levels added top-down: a group joins its parent before it gets its own commands.
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
     subcommands = parser.add_subcommands(dest="command")
-    for name, fn in commands.items():
-        sub = ArgumentParser(prog=f"mini-claude {name}", exit_on_error=False)
+    for name, entry in commands.items():
+        if isinstance(entry, dict):  # a group: `mini-claude NAME SUBCOMMAND ...`
+            group = ArgumentParser(prog=f"{prog} {name}", exit_on_error=False)
+            subcommands.add_subcommand(name, group, help=f"{name} commands: {', '.join(entry)}")
+            _add_commands(group, entry, f"{prog} {name}")
+            continue
+        fn = entry
+        sub = ArgumentParser(prog=f"{prog} {name}", exit_on_error=False)
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these flags as keys")
         flags = {n for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
         sub.add_function_arguments(fn, skip=flags, as_positional=True)
@@ -42,7 +62,17 @@ def build_parser(commands: dict[str, Callable[..., Any]]) -> Any:
             default = inspect.signature(fn).parameters[flag].default
             sub.add_argument(f"--{flag}", action=ActionYesNo, default=bool(default), help=_param_help(fn, flag))
         subcommands.add_subcommand(name, sub, help=(fn.__doc__ or "").strip().splitlines()[0])
-    return parser
+
+
+def _resolve(commands: Commands, cfg: Any) -> tuple[Callable[..., Any], dict[str, Any]] | None:
+    """The function a parsed command line names, and its arguments; None when a group was given no subcommand."""
+    name = cfg.get("command")
+    if not name:
+        return None
+    entry, args = commands[name], cfg[name]
+    if isinstance(entry, dict):
+        return _resolve(entry, args)
+    return entry, {k: v for k, v in args.as_dict().items() if k != "config"}
 
 
 def _param_help(fn: Callable[..., Any], name: str) -> str:
@@ -79,13 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _normalize_flags(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(cli.COMMANDS)
-        cfg = parser.parse_args(args)
-        if not cfg.get("command"):
+        resolved = _resolve(cli.COMMANDS, parser.parse_args(args))
+        if resolved is None:
             parser.print_help()
             return 2
-        command = cfg.command
-        kwargs = {k: v for k, v in cfg[command].as_dict().items() if k != "config"}
-        cli.COMMANDS[command](**kwargs)
+        fn, kwargs = resolved
+        fn(**kwargs)
     except _user_errors() as exc:
         if os.environ.get("MINI_CLAUDE_DEBUG"):
             raise
