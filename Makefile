@@ -43,8 +43,11 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The peers: llama-cpp-python (in-process) and llama.cpp's own tools built from its sdist's vendor/llama.cpp,
+# cached outside the checkout (skipped with the reason printed when the build cannot be done).
 bench-setup: setup
 	$(PY) -m pip install -q -e '.[bench]'
+	PYTHON=$(PY) bash scripts/build_llama_cpp.sh
 
 bench: bench-setup
 	$(PY) bench/bench_engine.py
