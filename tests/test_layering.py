@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 CORE = [
     "mini_claude.config",
@@ -36,3 +38,36 @@ def test_db_layer_knows_nothing_of_the_package() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['mini_claude']"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside functions (lazy imports count too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_train_never_imports_eval_and_predict_imports_nothing_of_the_package() -> None:
+    """eval uses train (the safety corpus reads chatterbot records), so train must not use eval (issue 8.5).
+
+    The fine-tuning pipeline reaches the safety classifier through `predict`, which knows nothing of the rest.
+    """
+    package = Path(__file__).resolve().parents[1] / "src" / "mini_claude"
+    for path in (package / "train").glob("*.py"):
+        bad = sorted(m for m in _imports(path) if m.startswith("mini_claude.eval"))
+        assert not bad, f"{path.name} imports {bad}"
+    for path in [*(package / "predict").glob("*.py"), *(package / "learn").glob("*.py")]:
+        own = f"mini_claude.{path.parent.name}"
+        bad = sorted(m for m in _imports(path) if m.startswith("mini_claude") and not m.startswith(own))
+        assert not bad, f"{path.parent.name}/{path.name} imports {bad}"
+    code = (
+        "import sys\nimport mini_claude.train.data\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mini_claude.eval')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

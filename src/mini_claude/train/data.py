@@ -27,6 +27,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import json
@@ -301,20 +302,43 @@ def deduplicate(
 
 
 def filter_unsafe(records: Sequence[Record], is_unsafe: SafetyCheck, dropped: list[Dropped]) -> list[Record]:
-    """Drop a record if any of its messages is unsafe (each judged alone, as the classifier was trained)."""
+    """Drop a record if any of its messages is unsafe (each judged alone, as the classifier was trained).
+
+    A check with a `flags(texts) -> list[bool]` method (the shipped classifier has one) judges every
+    message in one call; any other `text -> bool` callable is called once per message.
+    """
+    texts = [[m["content"] for m in rec.messages if m["role"] != "system"] for rec in records]
+    flat = [t for ts in texts for t in ts]
+    batch = getattr(is_unsafe, "flags", None)
+    verdicts = iter(batch(flat) if callable(batch) else [is_unsafe(t) for t in flat])
     kept = []
-    for rec in records:
-        if any(is_unsafe(m["content"]) for m in rec.messages if m["role"] != "system"):
+    for rec, ts in zip(records, texts, strict=True):
+        if any([next(verdicts) for _ in ts]):  # a list, not a generator: every verdict must be consumed
             dropped.append(Dropped(rec.source, "unsafe"))
         else:
             kept.append(rec)
     return kept
 
 
-def default_safety_check() -> SafetyCheck:
-    from mini_claude.eval.safety import SafetyChecker
+class ModelSafetyCheck:
+    """A `SafetyCheck` backed by a `predict.SklearnModel` whose last class means "harmful"."""
 
-    return SafetyChecker.default()
+    def __init__(self, model: Any) -> None:
+        self.model, self.positive = model, model.classes[-1]
+
+    def flags(self, texts: Sequence[str]) -> list[bool]:
+        return [label == self.positive for label in self.model.predict(texts).labels] if texts else []
+
+    def __call__(self, text: str) -> bool:
+        return self.flags([text])[0]
+
+
+@functools.cache
+def default_safety_check() -> ModelSafetyCheck:
+    """The safety classifier shipped in the package, through the loader the evaluation and server use."""
+    from mini_claude.predict.model import SAFETY_MODEL, SklearnModel
+
+    return ModelSafetyCheck(SklearnModel.load(SAFETY_MODEL))
 
 
 # ------------------------------------------------------------------------------------------- report
