@@ -209,6 +209,17 @@ def test_finetune_writes_adapter_metrics_and_plot(tok: Tokenizer, tmp_path: Path
         finetune(data=str(data), out=str(out), model=str(model_dir), batch_size=4, **RUN)
 
 
+def test_finetune_augment_adds_training_copies_only(tok: Tokenizer, tmp_path: Path) -> None:
+    model_dir, data = write_tiny_run_inputs(tmp_path, tok)
+    plain = finetune(data=str(data), out=str(tmp_path / "plain"), model=str(model_dir), batch_size=4, **RUN)
+    run = {**RUN, "steps": 2}
+    augmented = finetune(
+        data=str(data), out=str(tmp_path / "aug"), model=str(model_dir), batch_size=4, augment="rules", **run
+    )
+    assert augmented["val_examples"] == plain["val_examples"]
+    assert plain["train_examples"] < augmented["train_examples"] <= 2 * plain["train_examples"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -1,4 +1,4 @@
-"""Fine-tuning data: load, validate, clean, de-duplicate, filter, report, format, split.
+"""Fine-tuning data: load, validate, clean, de-duplicate, filter, report, format, split (then augment, opt-in).
 
 Design choices:
 
@@ -23,6 +23,8 @@ Design choices:
   from the first character of the reply through the end-of-turn token (`<|im_end|>` for ChatML) that follows
   it — the model must learn to stop. Tokens starting inside a span keep their id as label; all others get
   -100. Labels are aligned with `input_ids` (Hugging Face's convention): the loss shifts them by one.
+- **Augmentation after the split.** `prepare_dataset(augment=...)` hands the training records, and only
+  them, to `train.augment` and validates the copies it returns; see there for why and how.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -354,6 +356,7 @@ class QualityReport:
     diversity: float  # unique word trigrams / all word trigrams over the kept records
     duplicates_removed: int
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count (duplicates included)
+    augmentation: AugmentationReport | None = None  # set when the training side was augmented
 
     def __str__(self) -> str:
         lengths = ", ".join(f"{k} {v:g}" for k, v in self.token_lengths.items())
@@ -364,6 +367,31 @@ class QualityReport:
             f"duplicates   {self.duplicates_removed} removed",
         ]
         rows += [f"dropped      {n:>5}  {reason}" for reason, n in sorted(self.dropped.items(), key=lambda kv: -kv[1])]
+        if self.augmentation is not None:
+            rows.append(str(self.augmentation))
+        return "\n".join(rows)
+
+
+@dataclass
+class AugmentationReport:
+    """What augmentation added to the training side and what it cost in variety."""
+
+    method: str
+    n_train: int  # training records before augmentation
+    n_added: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> copies not added
+    rules: dict[str, int] = field(default_factory=dict)  # rule -> copies it produced (rule-based rewrites)
+    diversity_before: float = 0.0  # unique / total word trigrams of the training records
+    diversity_after: float = 0.0  # the same over the training records and the added copies
+
+    def __str__(self) -> str:
+        rows = [
+            f"augmented    {self.n_added} copies added to {self.n_train} training records ({self.method})",
+            f"diversity    {self.diversity_before:.3f} -> {self.diversity_after:.3f} on the training side",
+        ]
+        if self.rules:
+            rows.append("rules        " + ", ".join(f"{k} {v}" for k, v in sorted(self.rules.items())))
+        rows += [f"not added    {n:>5}  {r}" for r, n in sorted(self.dropped.items(), key=lambda kv: -kv[1])]
         return "\n".join(rows)
 
 
@@ -477,6 +505,14 @@ class PreparedData:
     dropped: list[Dropped]  # every dropped record with where it came from and why
 
 
+class Augment(Protocol):
+    """The augmentation stage (`train.augment.Augmenter`): copies of training records, none leaking `val`."""
+
+    method: str
+
+    def __call__(self, train: Sequence[Record], val: Sequence[Record], dropped: list[Dropped]) -> list[Record]: ...
+
+
 def prepare_dataset(
     paths: Sequence[str | Path] | None,
     tokenizer: Tokenizer,
@@ -488,13 +524,19 @@ def prepare_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     strict: bool = True,
+    augment: Augment | None = None,
 ) -> PreparedData:
-    """The whole pipeline: load -> clean -> de-duplicate -> safety -> format -> length filter -> report -> split.
+    """The whole pipeline: load -> clean -> de-duplicate -> safety -> format -> length filter -> report -> split,
+    then, if `augment` is given, augmentation of the training side and validation of the copies.
+
+    The split comes before augmentation, so the validation examples are the same with or without it and no
+    copy of one can reach training (`train.augment` explains the checks).
 
     Args:
         records: records already in memory (e.g. from `chatterbot_records()`), added after those in `paths`.
         safety_check: "default" for the shipped classifier, any `text -> bool` callable, or None to skip.
         strict: raise on the first schema error; otherwise count invalid rows as dropped.
+        augment: the augmentation stage (`train.augment.Augmenter`), or None for none.
     """
     errors: list[DataError] | None = None if strict else []
     loaded = [rec for p in paths or () for rec in load_records(p, errors)] + list(records)
@@ -507,18 +549,45 @@ def prepare_dataset(
         safety_check = default_safety_check()
     if callable(safety_check):
         kept = filter_unsafe(kept, safety_check, dropped)
-    examples, final = [], []
-    for rec in kept:
+    examples, final = _format(kept, tokenizer, min_tokens, max_tokens, dropped)
+    report = quality_report(n_input, final, [len(ex["input_ids"]) for ex in examples], dropped)
+    train_idx, val_idx = train_val_split(range(len(examples)), val_fraction, seed)
+    train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+    if augment is not None:
+        train_recs = [final[i] for i in train_idx]
+        aug_dropped: list[Dropped] = []
+        copies = augment(train_recs, [final[i] for i in val_idx], aug_dropped)
+        if callable(safety_check):  # a model's paraphrase is new text: judge it like the rest
+            copies = filter_unsafe(copies, safety_check, aug_dropped)
+        new_examples, added = _format(copies, tokenizer, min_tokens, max_tokens, aug_dropped)
+        train += new_examples
+        report.augmentation = AugmentationReport(
+            method=augment.method,
+            n_train=len(train_recs),
+            n_added=len(added),
+            dropped=dict(Counter(d.reason for d in aug_dropped)),
+            rules=dict(getattr(augment, "rules", {})),
+            diversity_before=trigram_diversity([r.text for r in train_recs]),
+            diversity_after=trigram_diversity([r.text for r in train_recs + added]),
+        )
+        dropped += aug_dropped
+    return PreparedData(train, val, report, dropped)
+
+
+def _format(
+    records: Sequence[Record], tokenizer: Tokenizer, min_tokens: int, max_tokens: int, dropped: list[Dropped]
+) -> tuple[list[dict[str, list[int]]], list[Record]]:
+    """Chat-template each record; keep those within the token bounds: (examples, their records)."""
+    examples, kept = [], []
+    for rec in records:
         ex = encode_chat(tokenizer, rec.messages)
         n = len(ex["input_ids"])
         if n < min_tokens or n > max_tokens:
             dropped.append(Dropped(rec.source, "too short" if n < min_tokens else "too long", f"{n} tokens"))
         else:
             examples.append(ex)
-            final.append(rec)
-    report = quality_report(n_input, final, [len(ex["input_ids"]) for ex in examples], dropped)
-    train, val = train_val_split(examples, val_fraction, seed)
-    return PreparedData(train, val, report, dropped)
+            kept.append(rec)
+    return examples, kept
 
 
 # ------------------------------------------------------------------------------- offline converters

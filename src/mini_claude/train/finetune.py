@@ -51,6 +51,7 @@ def load_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     safety_filter: bool = True,
+    augment: Any = None,
 ) -> DataSplits:
     """Tokenized train/validation examples from data files and bundled data sets, seeded and repeatable.
 
@@ -58,7 +59,9 @@ def load_data(
     (chatterbot-corpus conversations) and `shakespeare[:play,play,...]` (plain text cut into `max_length`
     windows, every token a target). Records go through `prepare_dataset` (clean, de-duplicate, safety filter,
     chat template, length filter, split); text windows are split with the same seed. The same arguments give
-    the same split, which is how `mini-claude eval --split val` finds a fine-tuning run's held-out examples.
+    the same split, which is how `mini-claude eval --split val` finds a fine-tuning run's held-out examples;
+    `augment` (a `train.augment.Augmenter`) adds rewritten copies of training records only, so it leaves
+    the validation split as it is.
     """
     from mini_claude.train import data as D
 
@@ -96,7 +99,7 @@ def load_data(
     if files or records:
         prepared = D.prepare_dataset(
             files, tokenizer, records, max_tokens=max_length, val_fraction=val_fraction, seed=seed,
-            safety_check="default" if safety_filter else None,
+            safety_check="default" if safety_filter else None, augment=augment,
         )  # fmt: skip
         train, val = prepared.train, prepared.val
         reports.append(str(prepared.report))
@@ -107,6 +110,21 @@ def load_data(
     if not train:
         raise TrainingError("no training examples are left after cleaning and filtering (see the report above)")
     return DataSplits(train, val, "\n".join(reports))
+
+
+def make_augmenter(method: str, copies: int, seed: int, model: Any = None, tokenizer: Any = None) -> Any:
+    """The augmentation stage for `--augment METHOD` (None for "none")."""
+    if method == "none":
+        return None
+    from mini_claude.train.augment import Augmenter, ModelParaphraser, RuleRewriter
+
+    if method not in ("rules", "paraphrase"):
+        raise TrainingError(f"unknown augment method {method!r} (choose from none, rules, paraphrase)")
+    try:
+        rewriter = RuleRewriter(seed) if method == "rules" else ModelParaphraser(model, tokenizer)
+        return Augmenter(rewriter, copies, seed=seed)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def resolve_precision(dtype: str, device: torch.device) -> str:
@@ -157,6 +175,8 @@ def finetune(
     device: str | None = None,
     threads: int | None = None,
     skip_safety_filter: bool = False,
+    augment: Literal["none", "rules", "paraphrase"] = "none",
+    augment_copies: int = 1,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a model with LoRA on chat data; writes the adapter, metrics, loss curve and checkpoints to OUT.
@@ -189,6 +209,10 @@ def finetune(
         device: cpu or cuda (default: cuda if available).
         threads: CPU threads for the matrix kernels.
         skip_safety_filter: keep records the safety classifier flags as harmful.
+        augment: add rewritten copies of the training records' user turns: rules (contractions, synonyms,
+            lead-ins, casual typing) or paraphrase (written by the loaded model, slower); none by default.
+            Validation examples are never augmented, and no copy equal or near to one is added.
+        augment_copies: rewritten copies per training record.
         quiet: no progress bar or report.
     """
     from mini_claude.catalog import resolve_model
@@ -224,7 +248,8 @@ def finetune(
         path = resolve_model(model)
         net, tokenizer, name = load_model(path, torch.float32 if precision == "float32" else getattr(torch, precision))
         net.to(dev)
-        splits = load_data(data, tokenizer, max_length, val_fraction, seed, not skip_safety_filter)
+        augmenter = make_augmenter(augment, augment_copies, seed, net, tokenizer)
+        splits = load_data(data, tokenizer, max_length, val_fraction, seed, not skip_safety_filter, augmenter)
         say(splits.report)
         try:
             apply_lora(net, lora_config)

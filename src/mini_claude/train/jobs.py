@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 HYPERPARAMETERS = (
     "rank", "alpha", "dropout", "targets", "steps", "epochs", "lr", "min_lr_ratio", "batch_size", "grad_accum",
     "warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "save_every", "max_length", "val_fraction",
-    "seed", "skip_safety_filter", "dtype", "threads",
+    "seed", "skip_safety_filter", "dtype", "threads", "augment", "augment_copies",
 )  # fmt: skip
 ACTIVE = ("validating_files", "queued", "running")
 RESULT_KEYS = (
