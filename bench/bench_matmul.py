@@ -46,16 +46,26 @@ def cpu_model() -> str:
 
 
 def timed(fn: Any, reps: int, threads: int) -> dict[str, float]:
-    """Median wall seconds over `reps` calls (one warm-up call first) and the CPU share of the timed calls."""
+    """Median wall and CPU seconds per call over `reps` calls (one warm-up call first), and the CPU share.
+
+    On a machine shared with other work the wall time includes the time the process waited for a core;
+    the CPU time (all threads' user + system time) does not, so for one thread it is the steadier figure.
+    """
     fn()
-    walls = []
+    walls, cpus = [], []
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
     share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * threads)
-    return {"seconds": statistics.median(walls), "cpu_share": share, "reps": reps}
+    return {
+        "seconds": statistics.median(walls),
+        "cpu_seconds": statistics.median(cpus),
+        "cpu_share": share,
+        "reps": reps,
+    }
 
 
 def main() -> None:
@@ -100,6 +110,7 @@ def main() -> None:
                 row[f"numpy-{t}t"] = timed(lambda a=a, b=b: a @ b, args.reps, t)
         for cell in (v for v in row.values() if isinstance(v, dict)):
             cell["gflops"] = 2 * n**3 / cell["seconds"] / 1e9
+            cell["gflops_cpu"] = 2 * n**3 / max(cell["cpu_seconds"], 1e-9) / 1e9  # per core-second of CPU time
         rows.append(row)
         print(f"n={n}: " + ", ".join(f"{k} {v['seconds'] * 1e3:.3g} ms" for k, v in row.items() if k != "n"))
     meta["load_avg_end"] = os.getloadavg()
@@ -117,6 +128,14 @@ def main() -> None:
         speedup = f"{row['python']['seconds'] / row['numba']['seconds']:>13.0f}x" if "python" in row else f"{'-':>14}"
         blas1 = f"numpy-{blas_threads[0]}t"
         lines.append(f"{row['n']:>6} {cells}{speedup}{row['numba']['seconds'] / row[blas1]['seconds']:>14.1f}x")
+    lines += ["", "CPU time per call, ms (GFLOP per CPU-second): what a core delivers while it runs the code"]
+    lines.append(f"{'n':>6} " + "".join(f"{c:>22}" for c in columns))
+    for row in rows:
+        cells = "".join(
+            f"{row[c]['cpu_seconds'] * 1e3:>13.3g} ({row[c]['gflops_cpu']:>6.3g})" if c in row else f"{'-':>22}"
+            for c in columns
+        )
+        lines.append(f"{row['n']:>6} {cells}")
     table = "\n".join(lines)
     print(table)
     print(f"load average at the end {meta['load_avg_end']}")
