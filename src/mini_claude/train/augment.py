@@ -220,7 +220,7 @@ class Augmenter:
         if copies < 1:
             raise ValueError(f"copies must be at least 1, got {copies}")
         self.rewriter, self.copies, self.near_duplicate, self.seed = rewriter, copies, near_duplicate, seed
-        self.rules: Counter[str] = Counter()  # rule -> copies kept (for a RuleRewriter)
+        self.rules: Counter[str] = Counter()  # rule -> user turns it rewrote in the copies returned (RuleRewriter)
 
     @property
     def method(self) -> str:

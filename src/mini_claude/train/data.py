@@ -380,7 +380,7 @@ class AugmentationReport:
     n_train: int  # training records before augmentation
     n_added: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> copies not added
-    rules: dict[str, int] = field(default_factory=dict)  # rule -> copies it produced (rule-based rewrites)
+    rules: dict[str, int] = field(default_factory=dict)  # rule -> user turns it rewrote in the copies returned
     diversity_before: float = 0.0  # unique / total word trigrams of the training records
     diversity_after: float = 0.0  # the same over the training records and the added copies
 
