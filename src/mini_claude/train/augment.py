@@ -95,7 +95,7 @@ def contractions(text: str, rng: random.Random) -> str:
     """Expand contractions if the text has any ("don't" -> "do not"), else contract what can be."""
     expanded = _swap_phrases(text, _EXPAND, rng, one=False)
     if expanded != text:
-        return re.sub(r"\bi\b", "I", expanded)
+        return re.sub(r"\bi(?= (?:am|have|would|will)\b)", "I", expanded)
     return re.sub(r"\bi'(m|ve|d|ll)\b", r"I'\1", _swap_phrases(text, _CONTRACTIONS, rng, one=False))
 
 
