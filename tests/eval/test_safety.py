@@ -139,3 +139,18 @@ def test_held_out_precision_and_recall_do_not_drop(shipped: S.SafetyChecker) -> 
     fresh, stored = checker.scores(texts), shipped.scores(texts)
     assert max(abs(a - b) for a, b in zip(fresh, stored, strict=True)) < 1e-9
     assert shipped.metrics == overall
+
+
+@needs_data
+@pytest.mark.slow
+def test_train_script_writes_a_loadable_model(tmp_path: Path, shipped: S.SafetyChecker) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "safety.skops"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "train_safety.py"
+    run = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True, check=True)
+    assert "held-out precision=" in run.stdout and str(out) in run.stdout
+    written = S.SafetyChecker.load(out)
+    assert written.metrics == shipped.metrics and written.model.version != shipped.model.version
+    assert written.scores(HARMFUL + BENIGN) == pytest.approx(shipped.scores(HARMFUL + BENIGN), abs=1e-12)
