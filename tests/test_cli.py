@@ -472,3 +472,19 @@ def test_command_groups_parse_to_their_function(monkeypatch: pytest.MonkeyPatch,
     assert calls == [("bob", "m")]
     assert __main__.main(["thing", "create"]) == 2  # a missing argument is a usage error, in one line
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_db_commands_create_report_and_undo_the_schema(tmp_path: Path, capsys) -> None:
+    from mini_claude.__main__ import main
+    from mini_claude.db import head_revision
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    assert main(["db", "upgrade", "--database_url", url]) == 0
+    assert head_revision() in capsys.readouterr().out
+    assert main(["db", "current", "--database_url", url]) == 0
+    assert capsys.readouterr().out.startswith(f"database: {head_revision()};")
+    assert main(["db", "downgrade", "base", "--database_url", url]) == 0
+    assert main(["db", "current", "--database_url", url]) == 0
+    assert "empty" in capsys.readouterr().out
+    assert main(["db", "downgrade", "no-such-revision", "--database_url", url]) == 1
+    assert capsys.readouterr().err.count("\n") == 1

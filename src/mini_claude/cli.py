@@ -10,14 +10,16 @@ from __future__ import annotations
 import json as json_lib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, list_models, resolve_model
 from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
 from mini_claude.settings import Settings
+
+T = TypeVar("T")
 
 
 class UserError(ValueError):
@@ -283,6 +285,71 @@ def serve(
     uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level)
 
 
+def db_upgrade(database_url: str | None = None, revision: str = "head") -> None:
+    """Create or migrate the database schema (the server also does this when it starts).
+
+    Args:
+        database_url: the database (default: settings, sqlite:///./mini_claude.db).
+        revision: the schema revision to reach (default: the newest).
+    """
+    from mini_claude.db import init_db, make_engine
+
+    url = database_url or Settings().database_url
+    engine = make_engine(url)
+    try:
+        applied = _schema_change(lambda: init_db(engine, target=revision))
+    finally:
+        engine.dispose()
+    print(f"applied {', '.join(applied)}" if applied else "the schema was up to date")
+
+
+def db_downgrade(revision: str, database_url: str | None = None) -> None:
+    """Take the database schema back to REVISION ("base" removes every table; their data is lost).
+
+    Args:
+        revision: the schema revision to go back to.
+        database_url: the database (default: settings, sqlite:///./mini_claude.db).
+    """
+    from mini_claude.db import downgrade_db, make_engine
+
+    engine = make_engine(database_url or Settings().database_url)
+    try:
+        undone = _schema_change(lambda: downgrade_db(engine, revision))
+    finally:
+        engine.dispose()
+    print(f"undid {', '.join(undone)}" if undone else "nothing to undo")
+
+
+def db_current(database_url: str | None = None) -> None:
+    """Print the database's schema revision and the newest one this version knows.
+
+    Args:
+        database_url: the database (default: settings, sqlite:///./mini_claude.db).
+    """
+    from mini_claude.db import current_revision, head_revision, make_engine
+
+    engine = make_engine(database_url or Settings().database_url)
+    try:
+        with engine.connect() as connection:
+            current = _schema_change(lambda: current_revision(connection))
+    finally:
+        engine.dispose()
+    print(f"database: {current or 'empty (no schema yet)'}; newest: {head_revision()}")
+
+
+def _schema_change(run: Callable[[], T]) -> T:
+    """Run a schema operation; a refused migration or an unreachable database is a user error (one line)."""
+    from alembic.util import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return run()
+    except (RuntimeError, CommandError) as exc:
+        raise UserError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise UserError(f"database error: {str(exc).splitlines()[0]}") from None
+
+
 def _training_commands() -> dict[str, object]:
     from mini_claude.eval.evaluate import evaluate
     from mini_claude.train.finetune import finetune
@@ -290,4 +357,11 @@ def _training_commands() -> dict[str, object]:
     return {"finetune": finetune, "eval": evaluate}
 
 
-COMMANDS = {"chat": chat, "generate": generate, "models": models, "serve": serve, **_training_commands()}
+COMMANDS = {
+    "chat": chat,
+    "generate": generate,
+    "models": models,
+    "serve": serve,
+    **_training_commands(),
+    "db": {"upgrade": db_upgrade, "downgrade": db_downgrade, "current": db_current},
+}

@@ -17,13 +17,15 @@ from sqlalchemy.exc import IntegrityError
 
 import mini_claude.db as db_package
 from mini_claude.db import (
-    SCHEMA_VERSION,
+    Base,
     Conversation,
     FineTuneJob,
     Message,
     NotFoundError,
     crud,
-    get_schema_version,
+    current_revision,
+    downgrade_db,
+    head_revision,
     init_db,
     make_engine,
     ping,
@@ -37,10 +39,11 @@ if TYPE_CHECKING:
 
 
 def schema_of(engine: Engine) -> dict[str, dict[str, Any]]:
-    """Everything reflection reports about each table, in a form two databases can be compared by."""
+    """Everything reflection reports about each table of the store (not Alembic's own bookkeeping table), in a
+    form two databases can be compared by."""
     inspector = inspect(engine)
     schema = {}
-    for table in sorted(inspector.get_table_names()):
+    for table in sorted(set(inspector.get_table_names()) - {"alembic_version"}):
         schema[table] = {
             "columns": sorted(
                 (c["name"], str(c["type"]), c["nullable"], c.get("default")) for c in inspector.get_columns(table)
@@ -324,14 +327,13 @@ def test_init_db_on_a_current_database_changes_nothing(engine: Engine) -> None:
     assert writes == []
     assert schema_of(engine) == schema_before
     with engine.connect() as connection:
-        assert get_schema_version(connection) == SCHEMA_VERSION
+        assert current_revision(connection) == head_revision()
     with session_scope(engine) as session:
         assert crud.get_conversation(session, conversation_id).title == "keep"  # type: ignore[union-attr]
 
 
-def test_migrating_from_version_1_keeps_data_and_matches_a_fresh_schema(databases: Databases) -> None:
-    old = databases.engine()
-    assert init_db(old, target_version=1) == [1]
+def fill_revision_0001(engine: Engine) -> datetime:
+    """Rows written the way the first schema (revision 0001, no idempotency keys) stored them."""
     created = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
     insert_conversation = text(
         "INSERT INTO conversations (id, title, model, system_prompt, metadata, last_seq, created_at, updated_at) "
@@ -341,61 +343,105 @@ def test_migrating_from_version_1_keeps_data_and_matches_a_fresh_schema(database
         "INSERT INTO messages (id, conversation_id, seq, role, content, created_at) "
         "VALUES (:id, 'c1', :seq, :role, :content, :at)"
     ).bindparams(bindparam("at", type_=UTCDateTime))
-    with old.begin() as connection:
-        assert get_schema_version(connection) == 1
+    with engine.begin() as connection:
         assert "idempotency_key" not in {c["name"] for c in inspect(connection).get_columns("messages")}
         connection.execute(insert_conversation, {"meta": {"from": "v1"}, "at": created})
         connection.execute(insert_message, {"id": "m1", "seq": 1, "role": "user", "content": "hi", "at": created})
         connection.execute(insert_message, {"id": "m2", "seq": 2, "role": "assistant", "content": "yo", "at": created})
+    return created
 
-    assert init_db(old) == list(range(2, SCHEMA_VERSION + 1))
 
-    fresh = databases.engine()
-    init_db(fresh)
-    assert schema_of(old) == schema_of(fresh)
-    with old.connect() as connection:
-        assert get_schema_version(connection) == SCHEMA_VERSION
-    with session_scope(old) as session:
+def check_migrated_data(engine: Engine, created: datetime) -> None:
+    with session_scope(engine) as session:
         conversation = crud.get_conversation(session, "c1")
         assert conversation is not None and conversation.meta == {"from": "v1"} and conversation.created_at == created
-        # Features of the later versions work on the migrated data.
+        # Features of the later revisions work on the migrated data.
         reply = crud.add_message(session, "c1", "assistant", "new", idempotency_key="r")
         assert crud.add_message(session, "c1", "assistant", "new", idempotency_key="r").id == reply.id
         assert [(m.seq, m.content) for m in crud.list_messages(session, "c1")] == [(1, "hi"), (2, "yo"), (3, "new")]
         assert crud.create_fine_tune_job(session, {"lr": 1e-4}).status == "queued"
 
 
-def test_a_failing_migration_leaves_the_database_unchanged(
-    databases: Databases, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_migrating_from_the_first_revision_keeps_data_and_matches_the_models(databases: Databases) -> None:
+    old = databases.engine()
+    assert init_db(old, target="0001") == ["0001"]
+    with old.connect() as connection:
+        assert current_revision(connection) == "0001"
+    created = fill_revision_0001(old)
+
+    applied = init_db(old)
+    assert applied[0] == "0002" and applied[-1] == head_revision()
+
+    from_models = databases.engine()  # the schema the models describe, made directly
+    with from_models.begin() as connection:
+        Base.metadata.create_all(connection)
+    assert schema_of(old) == schema_of(from_models)
+    check_migrated_data(old, created)
+
+
+def test_a_database_from_before_alembic_is_adopted_and_migrated(databases: Databases) -> None:
+    """Databases of earlier releases record their version in a one-row `schema_version` table."""
+    old = databases.engine()
+    init_db(old, target="0001")
+    created = fill_revision_0001(old)
+    with old.begin() as connection:  # what the pre-Alembic code left behind: the same DDL, its own version table
+        connection.execute(text("DROP TABLE alembic_version"))
+        connection.execute(text("CREATE TABLE schema_version (version INTEGER NOT NULL)"))
+        connection.execute(text("INSERT INTO schema_version (version) VALUES (1)"))
+
+    assert init_db(old)[0] == "0002"
+    assert not inspect(old).has_table("schema_version")
+    with old.connect() as connection:
+        assert current_revision(connection) == head_revision()
+    check_migrated_data(old, created)
+
+
+def test_downgrade_undoes_every_revision(databases: Databases) -> None:
     engine = databases.engine()
-    init_db(engine, target_version=1)
+    applied = init_db(engine)
+    assert downgrade_db(engine, "base") == applied[::-1]
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    assert init_db(engine) == applied
+
+
+def test_a_failing_migration_leaves_the_database_unchanged(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A revision that runs DDL and then fails: the whole upgrade, DDL included, rolls back."""
+    import shutil
+
+    engine = databases.engine()
+    init_db(engine, target="0001")
     schema_before = schema_of(engine)
-
-    def broken(connection: Any) -> None:
-        raise RuntimeError("migration bug")
-
-    # Version 2 (DDL) runs, then version 3 fails: the whole upgrade, DDL included, must roll back.
-    monkeypatch.setattr(db_session, "MIGRATIONS", (*db_session.MIGRATIONS[:2], broken))
+    scripts = tmp_path / "migrations"
+    shutil.copytree(db_session.MIGRATIONS_DIR, scripts)
+    (scripts / "versions" / "9999_broken.py").write_text(
+        "from alembic import op\nimport sqlalchemy as sa\n"
+        f"revision = '9999'\ndown_revision = {head_revision()!r}\nbranch_labels = None\ndepends_on = None\n"
+        "def upgrade():\n    op.create_table('leftover', sa.Column('id', sa.Integer, primary_key=True))\n"
+        "    raise RuntimeError('migration bug')\n"
+        "def downgrade():\n    pass\n"
+    )
+    monkeypatch.setattr(db_session, "MIGRATIONS_DIR", scripts)
     with pytest.raises(RuntimeError, match="migration bug"):
-        init_db(engine, target_version=3)
+        init_db(engine)
     assert schema_of(engine) == schema_before
     with engine.connect() as connection:
-        assert get_schema_version(connection) == 1
+        assert current_revision(connection) == "0001"
 
 
 def test_init_db_refuses_a_newer_or_unversioned_database(databases: Databases) -> None:
     newer = databases.engine()
     init_db(newer)
     with newer.begin() as connection:
-        connection.execute(text("UPDATE schema_version SET version = :v"), {"v": SCHEMA_VERSION + 1})
+        connection.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
     with pytest.raises(RuntimeError, match="newer"):
         init_db(newer)
 
     unversioned = databases.engine()
     with unversioned.begin() as connection:
         Conversation.__table__.create(connection)
-    with pytest.raises(RuntimeError, match="no schema_version"):
+    with pytest.raises(RuntimeError, match="no schema revision"):
         init_db(unversioned)
 
 
@@ -404,16 +450,17 @@ def test_workers_starting_together_create_the_schema_once(databases: Databases) 
     engines = [databases.engine(url) for _ in range(3)]  # one engine per server worker
     start = threading.Barrier(len(engines))
 
-    def start_worker(engine: Engine) -> list[int]:
+    def start_worker(engine: Engine) -> list[str]:
         start.wait()
         return init_db(engine)
 
     with ThreadPoolExecutor(len(engines)) as pool:
         results = list(pool.map(start_worker, engines))
-    assert results == [[]] * len(engines)
+    migrated = [r for r in results if r]
+    assert len(migrated) == 1 and migrated[0][-1] == head_revision()  # one worker migrated; the others found it done
     with engines[0].connect() as connection:
-        assert get_schema_version(connection) == SCHEMA_VERSION
-        assert connection.execute(text("SELECT COUNT(*) FROM schema_version")).scalar_one() == 1
+        assert current_revision(connection) == head_revision()
+        assert connection.execute(text("SELECT COUNT(*) FROM alembic_version")).scalar_one() == 1
 
 
 # ---------------------------------------------------------------------------------------------------- pagination

@@ -33,7 +33,7 @@ from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
 from mini_claude.model import Transformer
 from mini_claude.server import create_app
-from mini_claude.server.serving import CHAT_DEFAULTS
+from mini_claude.server.chat import CHAT_DEFAULTS
 from mini_claude.settings import Settings
 from mini_claude.tokenizer import Tokenizer
 from mini_claude.ui.web import until_set

@@ -3,7 +3,7 @@
 Design choices:
 - Typed SQLAlchemy 2 declarative models (`Mapped[...]`), one flat module (it stays far below the size at which
   a split pays off). Column types are spelled out rather than inferred from the annotations, because the
-  migrations in `session.py` freeze the same DDL and a test checks that a migrated database and a fresh
+  migrations in `migrations/versions/` freeze the same DDL and a test checks that a migrated database and a fresh
   `create_all` reflect to the same schema.
 - Ids are UUID4 strings (36 characters) made in Python, so an id is known before the INSERT and the same
   schema works on SQLite and PostgreSQL without a native UUID type.

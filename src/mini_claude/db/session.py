@@ -9,17 +9,17 @@ Design choices:
 - Python's `sqlite3` driver by default issues no BEGIN before SELECTs or DDL, which breaks SAVEPOINTs and
   makes schema changes non-atomic. Following SQLAlchemy's SQLite notes we switch the driver's own transaction
   handling off and emit BEGIN ourselves, so a SQLite transaction means what a PostgreSQL one does.
-- Schema versions without Alembic: a one-row `schema_version` table and an ordered tuple of migration
-  functions, migration *n* taking the schema from version *n-1* to *n*. A fresh database is built by
-  `create_all` from the models and stamped with the newest version; an older one runs the missing
-  migrations. Migrations spell out their own frozen DDL instead of using the models (which describe only the
-  newest schema), and a test checks that migrating from version 1 ends in the same schema as `create_all`.
+- Schema versions are Alembic revisions (`migrations/versions/`), each spelling out its own frozen DDL
+  instead of using the models (which describe only the newest schema). Every database, fresh or old, is
+  built by running the migrations, so production runs the path the tests run; a test checks that the
+  migrated schema equals what `create_all` makes from the models. Databases from before Alembic (a one-row
+  `schema_version` table) are adopted as the matching revision.
 - SQLite transactions start with `BEGIN IMMEDIATE`, taking the single write lock at once. A deferred
   transaction that reads and then writes fails outright (SQLITE_BUSY, no waiting) when another writer
   committed in between; taking the lock up front turns that failure into a short wait. The price is that
   transactions on one SQLite file run one at a time, which a local server does not notice; deployments with
   many concurrent users belong on PostgreSQL.
-- `init_db` runs in one transaction under a lock (a PostgreSQL advisory lock; on SQLite the write lock above):
+- `init_db` runs Alembic in one transaction under a lock (a PostgreSQL advisory lock; on SQLite the write lock above):
   server workers starting together cannot both create or migrate the schema, and a migration that fails
   leaves the database as it was.
 """
@@ -27,45 +27,22 @@ Design choices:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    CheckConstraint,
-    Column,
-    Engine,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    event,
-    inspect,
-    select,
-    text,
-    update,
-)
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Column, Engine, Integer, MetaData, Table, create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from .models import (
-    ID_LENGTH,
-    IDEMPOTENCY_KEY_MAX_LENGTH,
-    JOB_STATUSES,
-    ROLES,
-    Base,
-    UTCDateTime,
-    in_list_check,
-)
+from .models import Base
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +51,6 @@ SQLITE_BUSY_TIMEOUT_S = 30.0  # how long a writer waits for SQLite's single writ
 POSTGRES_CONNECT_TIMEOUT_S = 10
 # Any constant works: it only has to be the same for every process that runs `init_db` on this database.
 _INIT_LOCK_KEY = 0x6D696E69  # "mini"
-
-_version_metadata = MetaData()
-schema_version_table = Table("schema_version", _version_metadata, Column("version", Integer, nullable=False))
 
 
 # --------------------------------------------------------------------------------------------------- engines
@@ -174,147 +148,94 @@ def ping(engine: Engine) -> bool:
 
 # ------------------------------------------------------------------------------------------------ migrations
 
-
-def _v1_conversations_and_messages(connection: Connection) -> None:
-    """The first schema: conversations and their ordered messages."""
-    metadata = MetaData()
-    Table(
-        "conversations",
-        metadata,
-        Column("id", String(ID_LENGTH), primary_key=True),
-        Column("title", Text, nullable=False),
-        Column("model", Text),
-        Column("system_prompt", Text),
-        Column("metadata", JSON, nullable=False),
-        Column("last_seq", Integer, nullable=False),
-        Column("created_at", UTCDateTime, nullable=False),
-        Column("updated_at", UTCDateTime, nullable=False),
-        Index("ix_conversations_updated_at", "updated_at"),
-    )
-    Table(
-        "messages",
-        metadata,
-        Column("id", String(ID_LENGTH), primary_key=True),
-        Column(
-            "conversation_id", String(ID_LENGTH), ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
-        ),
-        Column("seq", Integer, nullable=False),
-        Column("role", String(16), nullable=False),
-        Column("content", Text, nullable=False),
-        Column("prompt_tokens", Integer),
-        Column("completion_tokens", Integer),
-        Column("model", Text),
-        Column("ttft_ms", Float),
-        Column("duration_ms", Float),
-        Column("finish_reason", Text),
-        Column("created_at", UTCDateTime, nullable=False),
-        Index("ix_messages_conversation_seq", "conversation_id", "seq", unique=True),
-        CheckConstraint(in_list_check("role", ROLES), name="ck_messages_role"),
-    )
-    metadata.create_all(connection)
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# The store numbered its schema in a one-row `schema_version` table before it used Alembic; those versions are
+# these revisions (the same frozen DDL), so an older database is adopted, not rebuilt.
+LEGACY_REVISIONS = {1: "0001", 2: "0002", 3: "0003"}
+_legacy_version_table = Table("schema_version", MetaData(), Column("version", Integer, nullable=False))
 
 
-def _v2_message_idempotency_key(connection: Connection) -> None:
-    """Let callers store a message exactly once under a key of their choosing."""
-    # A nullable column can be added in place on both backends; existing rows get NULL, which never collides.
-    connection.execute(text(f"ALTER TABLE messages ADD COLUMN idempotency_key VARCHAR({IDEMPOTENCY_KEY_MAX_LENGTH})"))
-    connection.execute(
-        text(
-            "CREATE UNIQUE INDEX uq_messages_conversation_idempotency_key "
-            "ON messages (conversation_id, idempotency_key)"
-        )
-    )
+def _alembic(connection: Connection | None = None) -> tuple[Config, ScriptDirectory]:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config, ScriptDirectory.from_config(config)
 
 
-def _v3_fine_tune_jobs(connection: Connection) -> None:
-    """The job table behind the fine-tuning API."""
-    metadata = MetaData()
-    Table(
-        "fine_tune_jobs",
-        metadata,
-        Column("id", String(ID_LENGTH), primary_key=True),
-        Column("status", String(32), nullable=False),
-        Column("config", JSON, nullable=False),
-        Column("progress", Float, nullable=False),
-        Column("result", JSON),
-        Column("error", Text),
-        Column("created_at", UTCDateTime, nullable=False),
-        Column("updated_at", UTCDateTime, nullable=False),
-        Index("ix_fine_tune_jobs_created_at", "created_at"),
-        CheckConstraint(in_list_check("status", JOB_STATUSES), name="ck_fine_tune_jobs_status"),
-    )
-    metadata.create_all(connection)
+def head_revision() -> str:
+    """The newest schema revision this code knows."""
+    head = _alembic()[1].get_current_head()
+    assert head is not None
+    return head
 
 
-# Append only: entry n-1 migrates version n-1 to n. Never edit a migration that has shipped.
-MIGRATIONS: tuple[Callable[[Connection], None], ...] = (
-    _v1_conversations_and_messages,
-    _v2_message_idempotency_key,
-    _v3_fine_tune_jobs,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
+def current_revision(connection: Connection) -> str | None:
+    """The revision recorded in the database, or None for a database Alembic has never touched."""
+    return MigrationContext.configure(connection).get_current_revision()
 
 
-def get_schema_version(connection: Connection) -> int | None:
-    """The version recorded in the database, or None when it has no `schema_version` table (a fresh one)."""
-    if not inspect(connection).has_table(schema_version_table.name):
-        return None
-    return connection.execute(select(schema_version_table.c.version)).scalar_one()
+def _adopt_legacy_version(connection: Connection, script: ScriptDirectory) -> None:
+    """Record a pre-Alembic database's `schema_version` as the matching Alembic revision."""
+    if not inspect(connection).has_table(_legacy_version_table.name):
+        return
+    version = connection.execute(select(_legacy_version_table.c.version)).scalar_one()
+    if version not in LEGACY_REVISIONS:
+        raise RuntimeError(f"database schema version {version} is unknown to this code; upgrade mini-claude")
+    MigrationContext.configure(connection).stamp(script, LEGACY_REVISIONS[version])
+    _legacy_version_table.drop(connection)
+    logger.info("adopted schema_version %d as revision %s", version, LEGACY_REVISIONS[version])
 
 
-def _set_schema_version(connection: Connection, version: int, *, insert: bool) -> None:
-    if insert:
-        schema_version_table.create(connection)
-        connection.execute(schema_version_table.insert().values(version=version))
-    else:
-        connection.execute(update(schema_version_table).values(version=version))
-
-
-def init_db(engine: Engine, *, target_version: int = SCHEMA_VERSION) -> list[int]:
-    """Bring the database to `target_version`: create it when fresh, migrate it when older, else do nothing.
-
-    Safe to call at every start-up. Runs in one transaction under a lock (see the module docstring).
-
-    Args:
-        engine: Engine from `make_engine`.
-        target_version: The version to reach. Only tests set it (to build an old schema); a fresh database
-            below the newest version is built by running the migrations rather than `create_all`.
-
-    Returns:
-        The migrations applied, by the version each one produced: empty when the database was current already
-        or was created fresh at the newest version.
-
-    Raises:
-        RuntimeError: The database is newer than this code, or holds the store's tables without a version.
-    """
-    if not 0 < target_version <= SCHEMA_VERSION:
-        raise ValueError(f"target_version must be in 1..{SCHEMA_VERSION}, got {target_version}")
+def _migrate(engine: Engine, target: str, downgrade: bool = False) -> list[str]:
     with engine.connect() as connection, connection.begin():
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _INIT_LOCK_KEY})
-        version = get_schema_version(connection)
-        if version is None:
+        config, script = _alembic(connection)
+        _adopt_legacy_version(connection, script)
+        before = current_revision(connection)
+        if before is None:
             existing = set(inspect(connection).get_table_names()) & set(Base.metadata.tables)
             if existing:
                 raise RuntimeError(
-                    f"tables {sorted(existing)} exist but there is no schema_version table; "
-                    "this database was not created by init_db and cannot be migrated safely"
+                    f"tables {sorted(existing)} exist but the database records no schema revision; "
+                    "it was not created by mini-claude and cannot be migrated safely"
                 )
-            if target_version == SCHEMA_VERSION:
-                Base.metadata.create_all(connection)
-                _set_schema_version(connection, SCHEMA_VERSION, insert=True)
-                logger.info("created database schema at version %d", SCHEMA_VERSION)
-                return []
-            _set_schema_version(connection, 0, insert=True)
-            version = 0
-        if version > SCHEMA_VERSION:
+        elif before not in {rev.revision for rev in script.walk_revisions()}:
             raise RuntimeError(
-                f"database schema version {version} is newer than this code's {SCHEMA_VERSION}; upgrade mini-claude"
+                f"database schema revision {before} is newer than this code knows (head {script.get_current_head()}); "
+                "upgrade mini-claude"
             )
-        applied = list(range(version + 1, target_version + 1))
-        for new_version in applied:
-            MIGRATIONS[new_version - 1](connection)
-            logger.info("migrated database schema to version %d", new_version)
-        if applied:
-            _set_schema_version(connection, target_version, insert=False)
-        return applied
+        if downgrade:
+            command.downgrade(config, target)
+        else:
+            command.upgrade(config, target)
+        after = current_revision(connection)
+        if after == before:
+            return []
+        upper, lower = (before, after) if downgrade else (after, before)
+        steps = [rev.revision for rev in script.iterate_revisions(upper or "base", lower or "base")]
+        return steps if downgrade else steps[::-1]
+
+
+def init_db(engine: Engine, *, target: str = "head") -> list[str]:
+    """Bring the database to `target` (the newest schema by default): create it when fresh, migrate it when older,
+    else do nothing. Safe to call at every start-up; runs in one transaction under a lock (module docstring).
+
+    Args:
+        engine: Engine from `make_engine`.
+        target: An Alembic revision (tests build older schemas this way).
+
+    Returns:
+        The revisions applied, oldest first: empty when the database was current already.
+
+    Raises:
+        RuntimeError: The database is newer than this code, or holds the store's tables without a revision.
+    """
+    return _migrate(engine, target)
+
+
+def downgrade_db(engine: Engine, target: str) -> list[str]:
+    """Take the schema back to `target` (a revision, or "base" for an empty database); returns the revisions
+    undone, newest first. Data in dropped tables and columns is lost."""
+    return _migrate(engine, target, downgrade=True)

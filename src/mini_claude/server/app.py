@@ -35,10 +35,11 @@ from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, resolve_model
 from mini_claude.db import init_db, make_engine
 from mini_claude.engine import Engine
 from mini_claude.server import routes
+from mini_claude.server.errors import APIError, validation_error
 from mini_claude.server.fine_tunes import FineTuneService
 from mini_claude.server.metrics import Metrics
 from mini_claude.server.protocol import ErrorDetail, ErrorResponse
-from mini_claude.server.serving import APIError, ChatService, validation_error
+from mini_claude.server.service import ChatService
 from mini_claude.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.service = service
     app.state.fine_tunes = fine_tunes
     app.state.settings = settings
-    app.include_router(routes.public)
-    app.include_router(routes.api)
+    for router in routes.ROUTERS:
+        app.include_router(router)
     _add_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from mini_claude.server.errors import APIError, invalid
 from mini_claude.server.protocol import (
     FineTuneError,
     FineTuneHyperparameters,
@@ -22,7 +23,7 @@ from mini_claude.server.protocol import (
     FineTuneJobList,
     FineTuneRequest,
 )
-from mini_claude.server.serving import APIError, ChatService, invalid
+from mini_claude.server.service import ChatService
 from mini_claude.train.jobs import FineTuneRunner, JobError, JobNotFoundError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class FineTuneService:
 
     def start(self, poll_s: float = 0.5) -> None:
         """Serve the adapters of earlier successful jobs, re-queue interrupted ones and start the worker."""
-        engine, _, db = self.chat._ready()
+        engine, _, db = self.chat.ready()
         self.runner = FineTuneRunner(
             db, self.chat.settings.fine_tune_dir, engine.source, on_adapter=self._serve, poll_s=poll_s
         )
@@ -55,7 +56,7 @@ class FineTuneService:
             self.chat.load_adapter(path, name)
 
     def _ready(self) -> FineTuneRunner:
-        self.chat._ready()
+        self.chat.ready()
         if self.runner is None:
             raise APIError(503, "The server is starting.", "server_error", code="not_ready")
         return self.runner

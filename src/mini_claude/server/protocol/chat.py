@@ -1,4 +1,4 @@
-"""OpenAI's wire format as pydantic models, which turn themselves into the engine's `SamplingParams`.
+"""Chat and text completions in OpenAI's wire format; requests turn themselves into the engine's `SamplingParams`.
 
 Design choices:
 - Requests are validated here and nowhere else: a value out of OpenAI's documented range (temperature in
@@ -19,51 +19,22 @@ Design choices:
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from mini_claude.generate import SamplingParams
+from mini_claude.server.protocol.common import INT64, Text, _Request
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_CHOICES = 16
 # Below this a temperature only divides logits by a number so small that float32 overflows (inf - inf = nan
 # in the softmax); the limit of sampling as temperature -> 0 is greedy decoding, which is what we do instead.
 GREEDY_BELOW = 1e-5
-INT64 = 2**63
 # The sampler compares top_p with float32 numbers, where anything below ~1e-45 is 0 and every token would be
 # dropped (a crash for the whole batch). Any top_p under the most likely token's probability (>= 1 / vocab)
 # keeps just that token, so raising tiny values to this floor changes nothing else.
 SMALLEST_TOP_P = 1e-6
-
-
-def _valid_unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the text is not valid Unicode (it contains a lone surrogate)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]
-
-
-def new_id(prefix: str) -> str:
-    """An OpenAI-style object id such as `chatcmpl-3f2a...`."""
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-# ------------------------------------------------------------------------------------------------ requests
 
 
 class TextPart(_Request):
@@ -241,9 +212,6 @@ class CompletionRequest(SamplingRequest):
         return list(p)  # type: ignore[arg-type]
 
 
-# ----------------------------------------------------------------------------------------------- responses
-
-
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -310,96 +278,6 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None  # always set on full responses; on stream chunks only the usage chunk's
 
 
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "mini-claude"
-    # For a LoRA adapter (vLLM's fields): the base model it runs on, and the dir it was loaded from.
-    parent: str | None = None
-    root: str | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class AdapterDetail(BaseModel):
-    rank: int
-    alpha: float
-    targets: list[str]
-    parameters: int  # the adapter's own, included in the model's `parameters`
-    base_model: str | None  # what the adapter says it was trained on
-
-
-class ModelDetail(BaseModel):
-    id: str
-    context_window: int
-    parameters: int
-    source: str
-    loaded: bool = True
-    parent: str | None = None  # adapters: the base model's id
-    adapter: AdapterDetail | None = None
-
-
-class ModelDetails(BaseModel):
-    models: list[ModelDetail]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class HealthResponse(BaseModel):
-    status: Literal["healthy", "unhealthy", "starting"]
-    model: str | None
-    database: Literal["ok", "unreachable", "not started"]
-    scheduler: Literal["running", "stopped", "not started"]
-    waiting: int = 0
-    running: int = 0
-    uptime_s: float = 0.0
-
-
-class ConversationMessage(BaseModel):
-    role: str
-    content: str
-    created_at: str
-
-
-class ConversationInfo(BaseModel):
-    id: str
-    object: Literal["conversation"] = "conversation"
-    title: str
-    model: str | None
-    system_prompt: str | None = None
-    created_at: str
-    updated_at: str
-
-
-class ConversationDetail(ConversationInfo):
-    messages: list[ConversationMessage]
-
-
-class ConversationList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ConversationInfo]
-    has_more: bool
-
-
-class ConversationDeleted(BaseModel):
-    id: str
-    object: Literal["conversation.deleted"] = "conversation.deleted"
-    deleted: bool = True
-
-
 class SocketRequest(_Request):
     """What a WebSocket client sends to get a reply (`{"type": "cancel"}` is handled before this)."""
 
@@ -414,107 +292,3 @@ class SocketRequest(_Request):
     repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     model: Text | None = Field(None, description="The base model's id or an adapter's (see /v1/models).")
-
-
-# ------------------------------------------------------------------------------------------- fine-tuning
-
-
-class FineTuneHyperparameters(BaseModel):
-    """What to train; every field is a `mini-claude finetune` flag of the same meaning (defaults: its own)."""
-
-    model_config = ConfigDict(extra="forbid")  # a misspelt hyperparameter must not be ignored silently
-
-    n_epochs: float | None = Field(None, gt=0, le=100, description="Passes over the data (finetune --epochs).")
-    max_steps: int | None = Field(None, ge=1, le=1_000_000, description="Optimizer steps; overrides n_epochs.")
-    batch_size: int | None = Field(None, ge=1, le=1024)
-    grad_accum: int | None = Field(None, ge=1, le=1024)
-    learning_rate: float | None = Field(None, gt=0, le=1)
-    warmup_steps: int | None = Field(None, ge=0)
-    rank: int | None = Field(None, ge=1, le=1024, description="LoRA rank r.")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha (updates are scaled by alpha / rank).")
-    dropout: float | None = Field(None, ge=0, lt=1)
-    targets: list[Text] | None = Field(None, min_length=1, description="Module names to adapt, or ['all-linear'].")
-    max_length: int | None = Field(None, ge=8, le=1_000_000)
-    val_fraction: float | None = Field(None, ge=0, lt=1)
-    eval_every: int | None = Field(None, ge=0)
-    save_every: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**32)
-
-    def to_finetune_args(self) -> dict[str, Any]:
-        args = {RENAMED.get(k, k): v for k, v in self.model_dump(exclude_none=True).items()}
-        if args.get("targets") == ["all-linear"]:
-            args["targets"] = "all-linear"
-        return args
-
-    @classmethod
-    def from_finetune_args(cls, args: dict[str, Any]) -> dict[str, Any]:
-        """The API's names for a job's stored `finetune` arguments (what the client sent)."""
-        back = {v: k for k, v in RENAMED.items()}
-        out = {back.get(k, k): v for k, v in args.items()}
-        if out.get("targets") == "all-linear":
-            out["targets"] = ["all-linear"]
-        return out
-
-
-RENAMED = {"n_epochs": "epochs", "max_steps": "steps", "learning_rate": "lr"}  # API name -> `finetune` flag
-
-
-class FineTuneRequest(_Request):
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
-        {"training_data": [{"instruction": "Say hello.", "output": "Hello!"}], "suffix": "greeter",
-         "hyperparameters": {"max_steps": 20, "rank": 8}},
-        {"training_file": "/data/support_chats.jsonl", "hyperparameters": {"n_epochs": 2}},
-    ]})  # fmt: skip
-
-    model: Text | None = Field(None, description="The base model to adapt (the served base model's id).")
-    training_file: Text | list[Text] | None = Field(
-        None, description="JSON / JSON-lines file(s) on the server (chat or Alpaca records), or a bundled set: "
-        "chatterbot, shakespeare.",
-    )  # fmt: skip
-    training_data: list[dict[str, Any]] | None = Field(
-        None, min_length=1, max_length=100_000, description="The records themselves (chat or Alpaca objects)."
-    )
-    suffix: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9._-]{1,40}$", description="Goes into the fine-tuned model's name."
-    )
-    hyperparameters: FineTuneHyperparameters = Field(default_factory=FineTuneHyperparameters)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> FineTuneRequest:
-        if (self.training_file is None) == (self.training_data is None):
-            raise ValueError("give exactly one of 'training_file' and 'training_data'")
-        return self
-
-    @property
-    def files(self) -> list[str]:
-        if self.training_file is None:
-            return []
-        return [self.training_file] if isinstance(self.training_file, str) else list(self.training_file)
-
-
-class FineTuneError(BaseModel):
-    message: str
-
-
-class FineTuneJob(BaseModel):
-    id: str
-    object: Literal["fine_tune"] = "fine_tune"
-    model: str
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
-    progress: float = Field(description="Fraction of the training steps done, 0 to 1.")
-    fine_tuned_model: str | None = Field(description="The model id to use once the job has succeeded.")
-    training_files: list[str] | None
-    hyperparameters: dict[str, Any]
-    result: dict[str, Any] | None = Field(
-        description="While running: step, total_steps, loss. When done: held-out perplexity before and after, "
-        "losses, times and the adapter's directory."
-    )
-    error: FineTuneError | None
-    created_at: int
-    updated_at: int
-
-
-class FineTuneJobList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[FineTuneJob]
-    has_more: bool

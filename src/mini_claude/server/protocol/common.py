@@ -1,0 +1,57 @@
+"""What every area of the wire format shares: the request base (unknown fields ignored), ids, time, valid
+Unicode text, the error shape, health."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+INT64 = 2**63
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text is not valid Unicode (it contains a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id such as `chatcmpl-3f2a...`."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: Literal["healthy", "unhealthy", "starting"]
+    model: str | None
+    database: Literal["ok", "unreachable", "not started"]
+    scheduler: Literal["running", "stopped", "not started"]
+    waiting: int = 0
+    running: int = 0
+    uptime_s: float = 0.0

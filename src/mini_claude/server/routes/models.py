@@ -1,0 +1,23 @@
+"""`/v1/models` (OpenAI's list and retrieve) and `/models` (details: context window, parameters, adapters)."""
+
+from __future__ import annotations
+
+from mini_claude.server.protocol import ModelCard, ModelDetails, ModelList
+from mini_claude.server.routes.common import ServiceDep, api_router
+
+router = api_router()
+
+
+@router.get("/v1/models", response_model=ModelList)
+def list_models(service: ServiceDep) -> ModelList:
+    return service.models.list()
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard)
+def get_model(model_id: str, service: ServiceDep) -> ModelCard:
+    return service.models.card(model_id)
+
+
+@router.get("/models", response_model=ModelDetails)
+def model_details(service: ServiceDep) -> ModelDetails:
+    return service.models.details()
