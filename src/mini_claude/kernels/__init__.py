@@ -35,7 +35,7 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ops.cpp", "lowbit.cpp", "decode.cpp")
+SOURCES = ("ops.cpp", "lowbit.cpp", "decode.cpp", "pool.cpp")
 HEADERS = ("kernels.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unused-function")
 LDFLAGS = ("-fopenmp",)

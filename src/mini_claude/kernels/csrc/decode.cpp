@@ -133,8 +133,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_p
     max_len = std::max<int64_t>(max_len, pl[b]);
   }
   const int64_t work = max_len * G * D;  // per task; small ones are not worth waking a second thread
-  const int64_t grain = work >= 32768 ? 1 : B * Hkv;
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(B * Hkv, work >= 32768 ? 1 : B * Hkv, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), row(D), acc(G * D), scores, inv_sum(G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, hk = task % Hkv, L = pl[b];

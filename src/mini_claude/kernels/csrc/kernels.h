@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <string>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -18,6 +19,10 @@
 #endif
 
 namespace mini_claude {
+
+// Runs fn(begin, end) over [0, n) in chunks of `chunk`, on the calling thread and the pool's helpers
+// (at::get_num_threads() in all); never waits for a helper that has not started (see pool.cpp).
+void parallel_for(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn);
 
 bool portable();
 void set_portable(bool on);

@@ -335,10 +335,12 @@ at::Tensor lowbit_linear(const at::Tensor& x_in, const at::Tensor& qweight, cons
   const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, "low-bit linear: output must be float32 or bfloat16");
   at::Tensor y = at::empty({M, N}, x.options().dtype(odt));
-  const int64_t grain = std::max<int64_t>(1, 65536 / (kTile * 64 * P * std::max<int64_t>(M, 1)));
+  // Chunks of at least ~64k weight-rows of work, and about 4 per thread so a late thread's share is small.
+  const int64_t min_chunk = std::max<int64_t>(1, 65536 / (kTile * 64 * P * std::max<int64_t>(M, 1)));
+  const int64_t chunk = std::max<int64_t>(min_chunk, (T + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads()));
   AT_DISPATCH_SWITCH(odt, "lowbit_linear",
     AT_DISPATCH_CASE(at::kFloat, [&] { using scalar_t = float;
-      at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+      parallel_for(T, chunk, [&](int64_t begin, int64_t end) {
         scalar_t* py = y.data_ptr<scalar_t>();
         float out[4][kTile];
         for (int64_t t = begin; t < end; ++t)
@@ -354,7 +356,7 @@ at::Tensor lowbit_linear(const at::Tensor& x_in, const at::Tensor& qweight, cons
       });
     })
     AT_DISPATCH_CASE(at::kBFloat16, [&] { using scalar_t = at::BFloat16;
-      at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+      parallel_for(T, chunk, [&](int64_t begin, int64_t end) {
         scalar_t* py = y.data_ptr<scalar_t>();
         float out[4][kTile];
         for (int64_t t = begin; t < end; ++t)
