@@ -5,11 +5,13 @@ of weights are read, not by arithmetic. Four-bit weights are a quarter of bf16's
 bf16; only the stored weights are small.
 
 Design (after gpt-fast's `quantize.py`): two phases, first compute quantized tensors, then replace modules.
-The matmuls are PyTorch's CPU kernels for packed low-bit weights (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`); what is ours is the numerics, written out in `quantize_int8`,
-`quantize_int4` and `dequantize_int4`, and tested against the kernels.
+The matmuls are our C++ kernels (`kernels/`: integer dot products per block of 32 on int16 activations),
+whose tile layout `pack_int4` / `pack_int8` make at load time; without them, PyTorch's CPU kernels for packed
+low-bit weights (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). The numerics are written out in
+`quantize_int8`, `quantize_int4` and `dequantize_int4`/`dequantize_int8`, and tested against the kernels.
 
-- int8: symmetric, one scale per output row: w ~= q * s, q in [-127, 127].
+- int8: symmetric, w ~= q * s, q in [-127, 127], one scale per output row (made here) or per block of 32 (the
+  file's Q8_0, kept exactly: `Int8Blocks`).
 - int4: asymmetric, one (scale, zero) per row and group of 32 inputs: w ~= (q - 8) * s + z, q in [0, 15].
   That is exactly GGUF's Q4_0 (z = 0) and Q4_1 (z = min + 8 s) block format, so the bundled Q4_1 model
   runs on its own quantized values, not on a re-quantization of them.
