@@ -128,6 +128,7 @@ def test_a_failing_run_reports_its_error(start_app: Callable[..., TestClient]) -
         ({"training_file": "chatterbot", "training_data": RECORDS}, 400, None, "exactly one of"),
         ({"training_data": RECORDS, "hyperparameters": {"epochs": 2}}, 400, None, "epochs"),
         ({"training_data": RECORDS, "hyperparameters": {"rank": 0}}, 400, None, "rank"),
+        ({"training_data": RECORDS, "hyperparameters": {"augment": "shuffle"}}, 400, None, "augment"),
         ({"training_data": RECORDS, "suffix": "has space"}, 400, None, "suffix"),
         ({"training_data": RECORDS, "model": "other"}, 404, "model", "adapts the served base model"),
     ],

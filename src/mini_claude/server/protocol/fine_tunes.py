@@ -30,6 +30,10 @@ class FineTuneHyperparameters(BaseModel):
     eval_every: int | None = Field(None, ge=0)
     save_every: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**32)
+    augment: Literal["none", "rules", "paraphrase"] | None = Field(
+        None, description="Add rewritten copies of training records (never of held-out ones): rules or paraphrase."
+    )
+    augment_copies: int | None = Field(None, ge=1, le=10, description="Rewritten copies per training record.")
 
     def to_finetune_args(self) -> dict[str, Any]:
         args = {RENAMED.get(k, k): v for k, v in self.model_dump(exclude_none=True).items()}
