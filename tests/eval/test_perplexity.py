@@ -139,12 +139,12 @@ def test_kl_divergence_and_top1_agreement() -> None:
     assert same.summary()["kld_mean"] == pytest.approx(0.0, abs=1e-12) and same.summary()["same_top"] == 1.0
     other = ref + 0.5 * torch.randn(50, TINY_VOCAB, generator=torch.Generator().manual_seed(1))
     stats = KLStats()
-    stats.add(ref[:20], other[:20])  # in two parts, as windows arrive
+    stats.add(ref[:20], other[:20], rows=7)  # in two parts, as windows arrive, and in row chunks
     stats.add(ref[20:], other[20:])
     want = F.kl_div(other.double().log_softmax(-1), ref.double().log_softmax(-1), log_target=True, reduction="none")
     summary = stats.summary()
     assert summary["tokens"] == 50
-    assert summary["kld_mean"] == pytest.approx(float(want.sum(-1).mean()), rel=1e-12)
+    assert summary["kld_mean"] == pytest.approx(float(want.sum(-1).mean()), rel=1e-5)  # float32 sums
     assert summary["same_top"] == int((ref.argmax(-1) == other.argmax(-1)).sum()) / 50
 
 

@@ -141,10 +141,13 @@ class KLStats:
     values: list[Tensor] = field(default_factory=list)  # per-token KL, float64
     same_top: int = 0
 
-    def add(self, ref_logits: Tensor, logits: Tensor) -> None:
-        ref = F.log_softmax(ref_logits.double(), dim=-1)  # (n, V)
-        cur = F.log_softmax(logits.double(), dim=-1)
-        self.values.append((ref.exp() * (ref - cur)).sum(-1))
+    def add(self, ref_logits: Tensor, logits: Tensor, rows: int = 64) -> None:
+        """Add tokens scored by reference logits and logits (n, V); float32, `rows` tokens at a time (a 255 x 49,152
+        window in float64 would need a few hundred MB of temporaries)."""
+        for s in range(0, ref_logits.shape[0], rows):
+            ref = F.log_softmax(ref_logits[s : s + rows].float(), dim=-1)  # (rows, V)
+            cur = F.log_softmax(logits[s : s + rows].float(), dim=-1)
+            self.values.append((ref.exp() * (ref - cur)).sum(-1).double())
         self.same_top += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
 
     @property
@@ -194,11 +197,11 @@ def iter_scored(
 
     `context` is entered around each forward (e.g. `lambda: engine.adapters.route([name])`).
     """
-    with torch.inference_mode():
-        for ids in windows:
-            with context():
-                logits = window_logits(model, ids, rows_per_forward)
-            yield scored_logits(logits, ids)
+    for ids in windows:
+        # Inference mode only around the forward, never across a yield: several of these may run interleaved.
+        with torch.inference_mode(), context():
+            scored = scored_logits(window_logits(model, ids, rows_per_forward), ids)
+        yield scored
 
 
 def text_perplexity(
