@@ -397,14 +397,20 @@ def main() -> None:
     ap.add_argument("--no-llama", dest="llama", action="store_false", help="skip llama-perplexity")
     ap.add_argument("--no-speed", dest="speed", action="store_false", help="skip the decode-speed runs")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="dir for JSON and PNG")
-    ap.add_argument("--report", type=Path, help="only print the table and draw the PNG of a saved JSON")
+    ap.add_argument("--report", type=Path, nargs="+", help="only print the table and draw the PNG of saved JSON "
+                    "results (several: their texts side by side)")  # fmt: skip
     ap.add_argument("--speed-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.report:
-        saved = json.loads(args.report.read_text())
-        plot(saved["texts"], args.report.with_suffix(".png"), saved.get("meta", {}).get("title", args.report.stem))
-        print(table(saved["texts"], saved.get("speed", {})))
-        print("\n".join("target: " + line for line in checks(saved["texts"])))
+        saved = [json.loads(path.read_text()) for path in args.report]
+        merged = {k: v for r in saved for k, v in r["texts"].items()}
+        speed = {k: v for r in saved for k, v in r.get("speed", {}).items()}
+        title = next((r["meta"]["title"] for r in saved if "meta" in r), args.report[0].stem)
+        png = args.report[0].with_name(args.report[0].stem + ("-merged" if len(saved) > 1 else "") + ".png")
+        plot(merged, png, title)
+        print(table(merged, speed))
+        print("\n".join("target: " + line for line in checks(merged)))
+        print(f"wrote {png}")
         return
     if args.model is None:
         from mini_claude.catalog import bundled_model_path

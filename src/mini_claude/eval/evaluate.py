@@ -287,7 +287,7 @@ def evaluate_text(
     for run in runs:
         name = engine.adapters.names[0] if run == "adapter" else None
         say(f"perplexity of {file.name} ({len(tokens)} tokens): {engine.name}{' + ' + name if name else ''}, "
-            f"{mode} weights, ctx {ctx}")  # fmt: skip
+            f"{'dense' if mode == 'none' else mode} weights, ctx {ctx}")  # fmt: skip
         try:
             result = text_perplexity(
                 engine.model, tokens, ctx, tokenizer.bos_id if tokenizer.add_bos else None, rows, progress,
