@@ -15,8 +15,9 @@ Design choices:
   half scored), one configuration loaded at a time: fp32 first, which writes its log-probabilities of every
   scored token to a temporary file (float32, 50 MB per 512-token window), then each other configuration, whose
   KL(P_fp32 || P) and top-1 agreement are computed against that file.
-  Low-bit configurations are fed 8 rows at a time through the KV cache, the decode path, so their int4/int8
-  kernels compute every logit (the serving path's prefill would use an int4 layer's dense bf16 copy).
+  Low-bit configurations compute every logit with their int4/int8 kernels: int4 layers' dense bf16 prefill
+  copies are freed first, so a whole window goes through the int4 kernel (`mini-claude eval` reaches the same
+  kernels by feeding 8 rows at a time through the KV cache, the decode path).
 - `llama-perplexity -c CTX` runs on the same file; its `--kl-divergence-base` file holds its token ids (checked
   against ours: tokenization is the first suspect when perplexities disagree) and its log-probabilities, which
   give llama.cpp's own KL divergence from our fp32 model on the same tokens.
@@ -93,12 +94,6 @@ def drop_dense_copies(engine: Any) -> None:
     for module in engine.model.modules():
         if isinstance(module, Int4Linear):
             module.dense = None
-
-
-def rows_per_forward(name: str) -> int | None:
-    from mini_claude.quantize import DENSE_ROWS
-
-    return DENSE_ROWS if CONFIGS[name]["quantize"] != "none" else None
 
 
 # -------------------------------------------------------------------------------------------- llama.cpp
@@ -180,7 +175,7 @@ def score_config(
 
     nll, kl = NLLStats(), KLStats()
     t = time.perf_counter()
-    scored = iter_scored(engine.model, windows, rows_per_forward(name))
+    scored = iter_scored(engine.model, windows)
     for i, (logits, targets) in enumerate(tqdm(scored, total=len(windows), desc=label, unit="window")):
         nll.add(logits, targets)
         if name == REFERENCE:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -28,7 +29,7 @@ from mini_claude.eval.perplexity import (
 )
 from mini_claude.lora import LoRAConfig, apply_lora, merge_lora, save_adapter
 from mini_claude.model import Transformer
-from mini_claude.quantize import DENSE_ROWS, Int4Linear
+from mini_claude.quantize import DENSE_ROWS, Int4Linear, quantize_model
 from mini_claude.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.one_thread
@@ -130,6 +131,21 @@ def test_a_window_fed_through_the_kv_cache_gives_the_one_forward_logits(tiny: Tr
         whole = window_logits(tiny, ids)
         for rows in (1, 3, 8):
             torch.testing.assert_close(window_logits(tiny, ids, rows), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_kernels_give_one_window_the_same_logits_in_one_forward_or_through_the_cache(tiny: Transformer) -> None:
+    """bench_quality frees int4 layers' dense copies and runs a window in one forward; `mini-claude eval` feeds it
+    8 rows at a time through the cache. Both are the int4 kernel on the same values."""
+    model = quantize_model(copy.deepcopy(tiny), "int4")
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.dense = None
+    ids = random_tokens(24, seed=2)
+    with torch.inference_mode():
+        whole, steps = window_logits(model, ids), window_logits(model, ids, DENSE_ROWS)
+    scale = whole.abs().max()
+    torch.testing.assert_close(whole / scale, steps / scale, rtol=0, atol=2e-2)  # bf16 activations
+    assert (whole.argmax(-1) == steps.argmax(-1)).float().mean() >= 0.9
 
 
 def test_kl_divergence_and_top1_agreement() -> None:
