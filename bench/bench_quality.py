@@ -367,7 +367,8 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
         for x, n in enumerate(with_kl):
             ax_k.annotate(f"top-1 {100 * rows[n]['same_top']:.1f}%", (x, rows[n]["kld_mean"]), ha="center",
                           va="bottom", fontsize=8)  # fmt: skip
-        ax_k.set_title(f"{t}: mean KL divergence from our fp32 (nats/token); lower is better", fontsize=10)
+        ax_k.set_yscale("log")  # torch.ao's is ~300x the others'
+        ax_k.set_title(f"{t}: mean KL divergence from our fp32 (nats/token, log scale); lower is better", fontsize=10)
         for ax in (ax_p, ax_k):
             ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(title + "\nblue: Mini-Claude; grey: torch.ao dynamic int8 and llama.cpp on the same windows")
