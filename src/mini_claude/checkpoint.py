@@ -9,6 +9,10 @@ GPT-2 each need one explicit dict.
   q/k projections (its RoPE rotates adjacent pairs, HF's rotates halves); `unpermute_qk` undoes it.
 - Models are built on the `meta` device and then receive their tensors with `load_state_dict(assign=True)`,
   so weights are materialised once, already in the requested dtype.
+- A quantized model dir (`mini-claude quantize`) is our dir whose config records the mode and whose
+  safetensors hold each low-bit layer's values in a kernel-independent form (`save_quantized_dir`). It loads
+  by building the layers from those values through `quantize_model`: nothing is quantized again, so it gives
+  exactly the model that quantizing its source at load time (at the same dtype) gives.
 """
 
 from __future__ import annotations
@@ -26,7 +30,16 @@ from torch import Tensor
 
 from mini_claude.config import ModelConfig
 from mini_claude.model import Transformer
-from mini_claude.quantize import Int4Blocks, Int8Blocks, quantize_model
+from mini_claude.quantize import (
+    GROUP_SIZE,
+    Int4Blocks,
+    Int8Blocks,
+    QuantizedWeight,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_model,
+    quantize_weights,
+)
 from mini_claude.tokenizer import Tokenizer
 
 FORMAT_NAME = "mini-claude"
@@ -45,7 +58,8 @@ class Checkpoint:
     name: str
     # Exact int4 values of weights the file stores as Q4_0/Q4_1, by module name, for int4 inference.
     int4_blocks: dict[str, Int4Blocks] = field(default_factory=dict)
-    # Exact int8 values of weights stored as Q8_0 (a tied embedding's appear as `lm_head`: the head reads them).
+    # Exact int8 values of weights stored as Q8_0 (a tied embedding's appear as `lm_head`: the head reads them),
+    # or of a quantized model dir's int8 layers, by module name.
     int8_blocks: dict[str, Int8Blocks] = field(default_factory=dict)
 
 
@@ -390,33 +404,120 @@ def _load_tokenizer_dir(path: Path) -> Tokenizer:
 
 def save_model_dir(path: str | Path, model: Transformer, tokenizer: Tokenizer, name: str = "") -> Path:
     """Write `config.json` + `model.safetensors` + tokenizer files: a dir that describes itself."""
-    from safetensors.torch import save_file
-
     if model.config.quantization:
-        # Packed low-bit layouts are kernel-specific; low-bit weights are made at load time (`quantize=`).
-        raise ValueError("save the dense model: quantization is applied when a model is loaded, not stored")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "model": model.config.to_dict(),
-    }
-    (path / "config.json").write_text(json.dumps(meta, indent=2))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        # The layers hold kernel-specific packings; `save_quantized_dir` stores the values they were built from.
+        raise ValueError("save the dense model (or write a quantized dir with `mini-claude quantize`)")
+    state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # stored once; re-tied on load
-    save_file(state, str(path / "model.safetensors"), metadata={"format": FORMAT_NAME})
+    return _write_own_dir(Path(path), model.config, state, tokenizer, name)
+
+
+def save_quantized_dir(
+    path: str | Path, model: Transformer, tokenizer: Tokenizer, mode: str, weights: dict[str, QuantizedWeight],
+    name: str = "",
+) -> Path:  # fmt: skip
+    """Write a dense `model` with the low-bit values of its layers (`quantize.quantize_weights(model, mode)`).
+
+    For each quantized layer the file holds, instead of `NAME.weight`: `NAME.weight_int4` (uint8 (N, K/2), two
+    values in [0, 15] per byte, the even column in the low nibble), `NAME.scales` and `NAME.zeros` (float32
+    (N, K/group)), meaning w = (q - 8) * scale + zero; or `NAME.weight_int8` (int8 (N, K)) and `NAME.scales`
+    (float32 (N, G), one scale per K/G inputs: G = 1 per row, G = K/32 for GGUF's Q8_0), meaning w = q * scale.
+    Everything else (embeddings, norms, biases) is stored as the model holds it. config.json records the mode
+    and the dtype the weights were read in before quantizing.
+    """
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    for layer, value in weights.items():
+        state.pop(f"{layer}.weight", None)
+        if isinstance(value, Int4Blocks):
+            q = value.q.to(torch.uint8)
+            state[f"{layer}.weight_int4"] = q[:, 0::2] | (q[:, 1::2] << 4)
+            state[f"{layer}.zeros"] = value.zeros.float()
+        else:
+            state[f"{layer}.weight_int8"] = value.q.to(torch.int8)
+        state[f"{layer}.scales"] = value.scales.float()
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    config = model.config.replace(quantization={"mode": mode, "group_size": GROUP_SIZE, "dtype": dtype})
+    return _write_own_dir(Path(path), config, state, tokenizer, name)
+
+
+def _write_own_dir(path: Path, config: ModelConfig, state: dict[str, Tensor], tokenizer: Tokenizer, name: str) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name, "model": config.to_dict()}
+    (path / "config.json").write_text(json.dumps(meta, indent=2))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"),
+              metadata={"format": FORMAT_NAME})  # fmt: skip
     tokenizer.save(path)
     return path
+
+
+def _split_low_bit(path: Path, tensors: dict[str, Tensor]) -> tuple[dict[str, Int4Blocks], dict[str, Int8Blocks]]:
+    """Take a quantized dir's low-bit values out of `tensors` (see `save_quantized_dir`)."""
+    blocks: dict[str, Int4Blocks] = {}
+    rows: dict[str, Int8Blocks] = {}
+    for key in [k for k in tensors if k.endswith((".weight_int4", ".weight_int8"))]:
+        layer, _, kind = key.rpartition(".")
+        try:
+            q, scales = tensors.pop(key), tensors.pop(f"{layer}.scales")
+            if kind == "weight_int8":
+                if (
+                    q.dtype != torch.int8
+                    or scales.ndim != 2
+                    or scales.shape[0] != q.shape[0]
+                    or q.shape[1] % scales.shape[1]
+                ):
+                    raise ValueError(f"int8 {tuple(q.shape)} with scales {tuple(scales.shape)}")
+                # A copy: tensors read from safetensors may sit at any byte offset, and PyTorch's int8 kernel
+                # reads its weight with aligned vector loads (a view straight from the file crashed it).
+                rows[layer] = Int8Blocks(q.clone(), scales.float())
+                continue
+            zeros = tensors.pop(f"{layer}.zeros")
+            unpacked = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(q.shape[0], -1)  # (N, K) uint8
+            if q.dtype != torch.uint8 or scales.shape != zeros.shape or unpacked.shape[1] % scales.shape[1]:
+                raise ValueError(f"int4 {tuple(unpacked.shape)} with scales {tuple(scales.shape)}")
+            blocks[layer] = Int4Blocks(unpacked, scales.float(), zeros.float())
+        except (KeyError, ValueError, IndexError) as exc:
+            raise CheckpointError(f"{path}: the low-bit values of {layer} are damaged ({exc})") from None
+    return blocks, rows
 
 
 def load_own_dir(path: Path, dtype: torch.dtype, progress: Progress | None = None) -> Checkpoint:
     meta = json.loads((path / "config.json").read_text())
     config = ModelConfig.from_dict(meta["model"])
-    state = {k: t.to(dtype) for k, t in _read_safetensors(_safetensors_files(path))}
-    return Checkpoint(config, state, _load_tokenizer_dir(path), meta.get("name") or path.name)
+    tensors = dict(_read_safetensors(_safetensors_files(path)))
+    blocks, rows = _split_low_bit(path, tensors) if config.quantization else ({}, {})
+    state = {k: t.to(dtype) for k, t in tensors.items()}
+    # The dense weight of a low-bit layer is what its values mean: `quantize="none"` runs on it, and the layers
+    # are rebuilt from the values themselves.
+    for layer, b in blocks.items():
+        state[f"{layer}.weight"] = dequantize_int4(b.q, b.scales, b.zeros).to(dtype)
+    for layer, r in rows.items():
+        if not (layer == "lm_head" and config.tie_embeddings):  # a tied head is the embedding, stored dense
+            state[f"{layer}.weight"] = dequantize_int8(r).to(dtype)
+    return Checkpoint(config, state, _load_tokenizer_dir(path), meta.get("name") or path.name, blocks, rows)
+
+
+def quantize_checkpoint(
+    source: str | Path, out: str | Path, mode: str, dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> Path:  # fmt: skip
+    """Read any checkpoint in `dtype`, quantize it as `load_model(source, dtype, quantize=mode)` would, and write
+    the result as a quantized model dir. From a GGUF file, int4 keeps the file's own Q4_0/Q4_1 values."""
+    ckpt = load_checkpoint(source, dtype, progress, keep_int4=mode == "int4")
+    if ckpt.config.quantization:
+        raise CheckpointError(
+            f"{source} is already quantized ({ckpt.config.quantization['mode']}): quantize its source"
+        )
+    model = build_model(ckpt.config, ckpt.state_dict)
+    try:
+        weights = quantize_weights(model, mode, {**ckpt.int8_blocks, **ckpt.int4_blocks})
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    return save_quantized_dir(out, model, ckpt.tokenizer, mode, weights, ckpt.name)
 
 
 # ------------------------------------------------------------------------------------------ front door
@@ -484,13 +585,25 @@ def load_model(
 
     `quantize` is "none", "int8", "int4" (see `quantize.py`) or "auto": int4 when the file already stores 4-bit
     weights (so nothing is lost), int8 otherwise (near-lossless), and dense when the CPU has no native bf16, which
-    the low-bit kernels compute in.
+    the low-bit kernels compute in. A quantized model dir loads in its own mode ("auto" or that mode) or as the
+    dense weights its values stand for ("none"); it cannot be turned into the other low-bit mode.
     """
     if quantize == "auto" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         quantize = "none"
     ckpt = load_checkpoint(path, dtype, progress, keep_int4=quantize in ("int4", "auto"))
+    stored = (ckpt.config.quantization or {}).get("mode")
+    if stored and quantize not in ("auto", "none", stored):
+        raise CheckpointError(f"{path} stores {stored} weights: load it as {stored} (or auto), or none for dense")
     if quantize == "auto":
-        quantize = "int4" if ckpt.int4_blocks else "int8"
-    model = build_model(ckpt.config, ckpt.state_dict)
-    quantize_model(model, quantize, {**ckpt.int8_blocks, **ckpt.int4_blocks})
+        quantize = stored or ("int4" if ckpt.int4_blocks else "int8")
+    model = build_model(ckpt.config.replace(quantization=None), ckpt.state_dict)
+    given: dict[str, QuantizedWeight] = {**ckpt.int8_blocks, **ckpt.int4_blocks}
+    if stored and quantize == stored:
+        # Every layer must come with its stored values: a missing one would be quietly quantized again.
+        planned = quantize_weights(model, quantize, given)
+        missing = sorted(name for name, value in planned.items() if value is not given.get(name))
+        if missing:
+            raise CheckpointError(f"{path} is damaged: no stored {stored} values for {', '.join(missing[:3])}")
+        given = planned
+    quantize_model(model, quantize, given)
     return model, ckpt.tokenizer, ckpt.name

@@ -350,6 +350,39 @@ def _schema_change(run: Callable[[], T]) -> T:
         raise UserError(f"database error: {str(exc).splitlines()[0]}") from None
 
 
+def quantize(
+    source: str,
+    out: str,
+    mode: Literal["int8", "int4"] = "int4",
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+) -> None:
+    """Write a quantized copy of a model: a self-describing dir that loads as it is, without quantizing again.
+
+    It holds the low-bit values of every linear layer (int4 groups of 32 with a scale and zero each, or int8 rows
+    with a scale each) and the rest dense, and gives exactly the model that `--quantize MODE` gives when it
+    quantizes SOURCE at load time with the same dtype. From a GGUF Q4_0/Q4_1 file, int4 keeps the file's own
+    4-bit values. Load it like any model dir (`--model OUT`).
+
+    Args:
+        source: a .gguf file, a model dir, or a name from `mini-claude models`.
+        out: the new model dir (must not exist, or be empty).
+        mode: int4 (the default serving path; the vocabulary projection is int8) or int8 (every layer).
+        dtype: the dtype the weights are read in before quantizing, and the dense tensors are stored in; auto is
+            what loading picks on this CPU (bf16 where it is native), so that loading OUT matches loading SOURCE.
+    """
+    from mini_claude.checkpoint import quantize_checkpoint
+    from mini_claude.engine import resolve_dtype
+
+    src = resolve_model(source)
+    target = Path(out).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{out} already exists and is not an empty dir: choose a new one")
+    start = time.perf_counter()
+    path = quantize_checkpoint(src, target, mode, resolve_dtype(dtype))
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    print(f"wrote {path}: {mode} weights, {size / 1e6:.0f} MB, in {time.perf_counter() - start:.1f}s")
+
+
 def _training_commands() -> dict[str, object]:
     from mini_claude.eval.evaluate import evaluate
     from mini_claude.train.finetune import finetune
@@ -363,5 +396,6 @@ COMMANDS = {
     "models": models,
     "serve": serve,
     **_training_commands(),
+    "quantize": quantize,
     "db": {"upgrade": db_upgrade, "downgrade": db_downgrade, "current": db_current},
 }

@@ -19,10 +19,16 @@ low-bit weights (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). The nume
   prefill is compute-bound and runs far faster on dense bf16 weights (AMX/AVX512-BF16), so by default an
   int4 layer also keeps a dense bf16 copy for inputs with more than `DENSE_ROWS` rows: more memory, and
   both the first token and every next token come fast. `keep_dense=False` trades prefill speed for memory.
+  The copy is made from the int4 values, not from the original weights: the layer is one model on both
+  paths (a quantized model dir, which holds only the int4 values, then loads into exactly these layers).
+- The low-bit values themselves (`Int4Blocks`, `Int8Blocks`) are plain tensors, independent of any kernel's
+  packing: `quantize_weights` computes them (phase 1), `quantize_model` builds the layers from them
+  (phase 2), and `checkpoint.save_quantized_dir` stores them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +105,9 @@ class Int8Blocks:
 
     q: Tensor  # (N, K) int8
     scales: Tensor  # (N, G) float32
+
+
+QuantizedWeight = Int4Blocks | Int8Blocks
 
 
 # ---------------------------------------------------------------------------------- kernel layouts
@@ -300,9 +309,9 @@ class Int4Linear(_LowBitLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocks: Int4Blocks | None = None, keep_dense: bool = True) -> Int4Linear:
-        w = linear.weight.detach()
-        blocks = blocks or Int4Blocks(*quantize_int4(w))
-        return cls(blocks, linear.bias, w if keep_dense else None)
+        blocks = blocks or Int4Blocks(*quantize_int4(linear.weight.detach()))
+        dense = dequantize_int4(blocks.q, blocks.scales, blocks.zeros) if keep_dense else None
+        return cls(blocks, linear.bias, dense)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dense is not None and x.numel() > DENSE_ROWS * self.in_features:
@@ -322,40 +331,74 @@ class Int4Linear(_LowBitLinear):
 # ----------------------------------------------------------------------------------------- whole model
 
 
-def quantize_model(
-    model: nn.Module,
-    mode: str,
-    blocks: dict[str, Int4Blocks | Int8Blocks] | None = None,
-    keep_dense: bool = True,
-    skip: tuple[str, ...] = (),
-) -> nn.Module:
-    """Replace every `nn.Linear` (except names in `skip`) in place; returns the model.
+def _quantized_layers(
+    model: nn.Module, mode: str, given: Mapping[str, QuantizedWeight] | None, skip: tuple[str, ...]
+) -> Iterator[tuple[str, nn.Linear, QuantizedWeight]]:
+    """Each `nn.Linear` that `mode` replaces, with its low-bit values: taken from `given` when it holds values of
+    the kind the layer gets, computed otherwise. One layer at a time, so only one layer's values are new in memory.
 
-    In int4 mode the vocabulary projection (`lm_head`) becomes int8: its rows are read for every token, and
-    it is the tensor most sensitive to error (it ranks all next tokens); it returns float32 logits. Embedding
-    lookups stay dense. `blocks` supplies exact values by module name: GGUF Q4_0/Q4_1 blocks as Int4Blocks,
-    Q8_0 blocks (a tied embedding's, under `lm_head`) as Int8Blocks, which stay int8 in either mode. With our
-    kernels, q/k/v and gate/up then become one matmul each (`fuse_projections`).
+    In int4 mode the vocabulary projection (`lm_head`) becomes int8: its rows are read for every token, and it is
+    the tensor most sensitive to error (it ranks all next tokens); so does any layer whose input size is not a
+    multiple of the group size. Given int8 values (GGUF's Q8_0 blocks, e.g. a tied embedding's under `lm_head`)
+    stay int8 in either mode.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r} (choose from {', '.join(QUANT_MODES)})")
     if mode == "none":
-        return model
-    blocks = blocks or {}
+        return
+    given = given or {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or name in skip:
             continue
         if ".lora_" in name or name.endswith(".base_layer"):  # LoRA-wrapped layers: merge or remove LoRA first
             raise ValueError(f"{name} carries a LoRA adapter: merge it (lora.merge_lora) before quantizing")
-        given, head = blocks.get(name), name == "lm_head"
-        if isinstance(given, Int8Blocks):
-            new: nn.Module = Int8Linear(given, module.bias, float_out=head)
-        elif mode == "int8" or head or module.in_features % GROUP_SIZE:
-            new = Int8Linear.from_linear(module, float_out=head)
+        value = given.get(name)
+        if isinstance(value, Int8Blocks):
+            pass
+        elif mode == "int8" or name == "lm_head" or module.in_features % GROUP_SIZE:
+            q, s = quantize_int8(module.weight.detach())
+            value = Int8Blocks(q, s[:, None])
+        elif not isinstance(value, Int4Blocks):
+            value = Int4Blocks(*quantize_int4(module.weight.detach()))
+        yield name, module, value
+
+
+def quantize_weights(
+    model: nn.Module,
+    mode: str,
+    given: Mapping[str, QuantizedWeight] | None = None,
+    skip: tuple[str, ...] = (),
+) -> dict[str, QuantizedWeight]:
+    """Phase 1: the low-bit values of every layer `quantize_model(model, mode)` would replace, by module name.
+
+    The model is not changed. `given` supplies exact values (e.g. GGUF Q4_1 blocks), used as they are.
+    """
+    return {name: value for name, _, value in _quantized_layers(model, mode, given, skip)}
+
+
+def quantize_model(
+    model: nn.Module,
+    mode: str,
+    blocks: Mapping[str, QuantizedWeight] | None = None,
+    keep_dense: bool = True,
+    skip: tuple[str, ...] = (),
+) -> nn.Module:
+    """Phase 2: replace every `nn.Linear` (except names in `skip`) in place; returns the model.
+
+    `blocks` supplies exact low-bit values by module name (GGUF Q4_0/Q4_1 blocks as `Int4Blocks`, Q8_0 blocks as
+    `Int8Blocks`, or a quantized model dir's values): a layer given values of the kind it gets is built from them
+    and nothing is re-quantized. The vocabulary head returns float32 logits. Embedding lookups stay dense. With
+    our kernels, q/k/v and gate/up then become one matmul each (`fuse_projections`).
+    """
+    for name, module, value in _quantized_layers(model, mode, blocks, skip):
+        if isinstance(value, Int8Blocks):
+            new: nn.Module = Int8Linear(value, module.bias, float_out=name == "lm_head")
         else:
-            new = Int4Linear.from_linear(module, given, keep_dense)
+            new = Int4Linear.from_linear(module, value, keep_dense)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    if mode == "none":
+        return model
     fuse_projections(model)
     if isinstance(getattr(model, "config", None), ModelConfig):
         model.config = model.config.replace(quantization={"mode": mode, "group_size": GROUP_SIZE})  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""`mini-claude eval`: perplexity, BLEU and ROUGE of a model, with or without an adapter, on chat data.
+"""`mini-claude eval`: perplexity, BLEU and ROUGE of a model, with or without an adapter, on chat data; or the
+perplexity of a plain-text file, as llama.cpp's `llama-perplexity` computes it.
 
 Design choices:
 
@@ -13,11 +14,15 @@ Design choices:
   have no prompt and count for perplexity only.
 - `--compare` evaluates the base model and base + adapter in one process: the adapter is switched off and on
   (`set_lora_enabled`), so there is one copy of the weights and both see the same examples and prompts.
+- A plain-text file (`--data FILE.txt`: any file that is not .json/.jsonl) is scored with llama-perplexity's
+  windows (`eval.perplexity`) through the engine itself: `Engine.load` with the chosen quantization and dtype,
+  the adapter served as the server serves it (`AdapterSet`, on any base layer), and a low-bit model fed
+  through the KV cache a few rows at a time so its int4/int8 kernels run (the decode path), not a dense copy.
 """
 
 from __future__ import annotations
 
-import json
+import json as json_lib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,17 +113,22 @@ def evaluate(
     batch_size: int = 8,
     out: str = "eval.json",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    quantize: Literal["auto", "none", "int8", "int4"] | None = None,
+    ctx: int = 512,
     threads: int | None = None,
     skip_safety_filter: bool = False,
     quiet: bool = False,
+    json: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a model, with or without a LoRA adapter, on chat data: perplexity, BLEU, ROUGE; prints a table.
+    """Evaluate a model, with or without a LoRA adapter: perplexity, BLEU, ROUGE on chat data, or the perplexity of
+    a plain-text file with llama-perplexity's windows (--data FILE.txt); prints a table.
 
-    The results, with every generated reply beside its reference, are written as JSON to OUT.
+    The results (on chat data with every generated reply beside its reference) are written as JSON to OUT.
 
     Args:
-        data: JSON / JSON-lines files of chat or Alpaca records, or a bundled set
-            (chatterbot[:language], shakespeare[:play,...]).
+        data: JSON / JSON-lines files of chat or Alpaca records, a bundled set (chatterbot[:language],
+            shakespeare[:play,...]), or one plain-text file (any other file): its perplexity in windows of CTX
+            tokens, the second half of each scored, as llama-perplexity -c CTX computes it.
         model: a .gguf file, a model dir, or a name from `mini-claude models` (default: the bundled SmolLM2).
         adapter: a LoRA adapter dir (PEFT format, e.g. OUT/adapter of `mini-claude finetune`).
         compare: evaluate the base model and base + adapter side by side.
@@ -131,9 +141,13 @@ def evaluate(
         batch_size: examples per forward pass.
         out: where to write the JSON results.
         dtype: compute dtype; auto picks bf16 where the CPU supports it.
+        quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense); default
+            none on chat data (as fine-tuning trains), auto on a text file (what the server runs).
+        ctx: window of a text file's perplexity, in tokens (llama-perplexity's -c).
         threads: CPU threads for the matrix kernels.
         skip_safety_filter: keep records the safety classifier flags (use the fine-tuning run's choice).
         quiet: print only the table.
+        json: print the results as one JSON object on stdout instead of the table.
     """
     import torch
 
@@ -154,12 +168,18 @@ def evaluate(
             raise EvaluationError(message)
     if threads:
         torch.set_num_threads(threads)
-    say: Callable[[str], None] = (lambda _: None) if quiet else print
+    say: Callable[[str], None] = (lambda _: None) if quiet or json else print
     started = time.perf_counter()
+    text_file = plain_text_file(data)
+    if text_file is not None:
+        report = evaluate_text(text_file, model, adapter, compare, dtype, quantize or "auto", ctx, not quiet, say)
+        return _finish(report | {"wall_time_s": time.perf_counter() - started}, out, json, say)
+    if quantize not in (None, "none") and adapter:
+        raise EvaluationError("--quantize with --adapter works on a plain-text file; on chat data use none")
 
     path = resolve_model(model)
     try:
-        net, tokenizer, name = load_model(path, resolve_dtype(dtype))
+        net, tokenizer, name = load_model(path, resolve_dtype(dtype), quantize=quantize or "none")
     except ValueError as exc:
         raise EvaluationError(str(exc)) from None
     splits = load_data(
@@ -206,12 +226,81 @@ def evaluate(
         ],
         "wall_time_s": time.perf_counter() - started,
     }
+    return _finish(report, out, json, say)
+
+
+def _finish(report: dict[str, Any], out: str, as_json: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """Write the report to OUT and print it: the table, or the JSON object."""
     out_path = Path(out).expanduser()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    print(results_table(results))
+    out_path.write_text(json_lib.dumps(report, indent=2, ensure_ascii=False))
+    print(json_lib.dumps(report, ensure_ascii=False) if as_json else results_table(report["results"]))
     say(f"results written to {out_path}")
     return report
+
+
+def plain_text_file(data: str | list[str]) -> Path | None:
+    """The plain-text file `data` names (an existing file that is not .json/.jsonl), or None for chat data."""
+    specs = [data] if isinstance(data, str) else list(data)
+    texts = [Path(s).expanduser() for s in specs if Path(s).expanduser().is_file()]
+    texts = [p for p in texts if p.suffix.lower() not in (".json", ".jsonl")]
+    if texts and len(specs) > 1:
+        raise EvaluationError("a plain-text file is evaluated on its own: give one --data FILE")
+    return texts[0] if texts else None
+
+
+def evaluate_text(
+    file: Path,
+    model: str | None,
+    adapter: str | None,
+    compare: bool,
+    dtype: str,
+    quantize: str,
+    ctx: int,
+    progress: bool,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Perplexity of a plain-text file through the engine (see the module docstring); returns the report."""
+    from mini_claude.catalog import resolve_model
+    from mini_claude.engine import Engine
+    from mini_claude.eval.perplexity import TextTooShortError, check_ctx, read_text, text_perplexity
+    from mini_claude.quantize import DENSE_ROWS
+
+    try:
+        check_ctx(ctx)
+        text = read_text(file)
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise EvaluationError(f"{file}: {exc}" if isinstance(exc, UnicodeDecodeError) else str(exc)) from None
+    path = resolve_model(model)
+    say(f"loading {path.name}")
+    engine = Engine.load(path, dtype=dtype, quantize=quantize, adapters=[adapter] if adapter else [])
+    if ctx > engine.context_window:
+        raise EvaluationError(f"ctx {ctx} is more than the model's context window of {engine.context_window}")
+    tokenizer = engine.tokenizer
+    tokens = engine.encode_text(text)
+    mode = (engine.model.config.quantization or {}).get("mode", "none")
+    # Low-bit layers run their kernels only on a few rows at a time (more rows take a dense copy): feed the
+    # windows as decoding does.
+    rows = DENSE_ROWS if mode != "none" else None
+    runs = (["base", "adapter"] if compare else ["adapter"]) if adapter else ["base"]
+    results: dict[str, dict[str, float]] = {}
+    for run in runs:
+        name = engine.adapters.names[0] if run == "adapter" else None
+        say(f"perplexity of {file.name} ({len(tokens)} tokens): {engine.name}{' + ' + name if name else ''}, "
+            f"{'dense' if mode == 'none' else mode} weights, ctx {ctx}")  # fmt: skip
+        try:
+            result = text_perplexity(
+                engine.model, tokens, ctx, tokenizer.bos_id if tokenizer.add_bos else None, rows, progress,
+                context=lambda name=name: engine.adapters.route([name]),
+            )  # fmt: skip
+        except TextTooShortError as exc:
+            raise EvaluationError(f"{file}: {exc}") from None
+        results[run] = result.to_dict()
+    weights = engine.model.embed_tokens.weight
+    return {
+        "model": str(path), "adapter": adapter, "data": str(file), "quantize": mode,
+        "dtype": str(weights.dtype).removeprefix("torch."), "ctx": ctx, "rows_per_forward": rows, "results": results,
+    }  # fmt: skip
 
 
 METRIC_NAMES = {
@@ -224,8 +313,16 @@ METRIC_NAMES = {
 
 
 def results_table(results: dict[str, dict[str, float]]) -> str:
-    """One row per metric, one column per run (base, adapter), and the relative change when there are two."""
+    """One row per metric, one column per run (base, adapter), and the relative change when there are two; a text
+    file's perplexity with its standard error."""
     runs = list(results)
+    if "ppl_se" in results[runs[0]]:
+        r = results[runs[0]]
+        lines = [f"perplexity of {r['scored']} tokens in {r['windows']} windows of {r['ctx']}:"]
+        for run in runs:
+            label = "base" if run == "base" else "+ adapter"
+            lines.append(f"  {label:<10} PPL = {results[run]['ppl']:.4f} +/- {results[run]['ppl_se']:.5f}")
+        return "\n".join(lines)
     header = f"{'metric':<12}" + "".join(f"{'base' if r == 'base' else '+ adapter':>12}" for r in runs)
     if len(runs) == 2:
         header += f"{'change':>10}"
