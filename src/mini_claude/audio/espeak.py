@@ -112,7 +112,7 @@ class EspeakEngine(SpeechEngine):
     def find_voice(self, name: str) -> Voice | None:
         """A listed language, optionally with `+variant` (`en-us+f3`)."""
         base, plus, variant = name.removeprefix(f"{self.name}:").partition("+")
-        voice = super().find_voice(base)
+        voice = super().find_voice(base) or self._by_language(base)
         if voice is None or not plus:
             return voice
         if variant not in self.variants:
@@ -122,6 +122,12 @@ class EspeakEngine(SpeechEngine):
             )  # fmt: skip
         return Voice(id=f"{voice.id}+{variant}", name=f"{voice.name} ({variant})", engine=self.name,
                      language=voice.language)  # fmt: skip
+
+    def _by_language(self, language: str) -> Voice | None:
+        """A language without its region, as espeak-ng's `-v fr` takes it: `fr` -> `fr-fr`, `pt` -> `pt-br`..."""
+        regional = [v for v in self._voices if v.language.startswith(f"{language.lower()}-")]
+        same = [v for v in regional if v.language == f"{language.lower()}-{language.lower()}"]
+        return (same or regional or [None])[0]
 
     def sample_rate(self, voice: Voice) -> int:
         return 22_050

@@ -44,8 +44,8 @@ class AudioFormatError(ValueError):
 
 
 def to_int16(samples: np.ndarray) -> bytes:
-    """Float samples in [-1, 1] as little-endian 16-bit PCM."""
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    """Float samples in [-1, 1] as little-endian 16-bit PCM (the inverse of reading PCM as `int16 / 32768`)."""
+    return np.clip(np.rint(np.asarray(samples, np.float64) * 32768.0), -32768, 32767).astype("<i2").tobytes()
 
 
 def aac_available() -> bool:

@@ -20,7 +20,7 @@ MAX_SENTENCE_CHARS = 280
 _FENCE = re.compile(r"^\s*(```|~~~).*$", re.MULTILINE)
 _IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
 _LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
-_URL = re.compile(r"https?://\S+")
+_URL = re.compile(r"https?://[^\s<>()\[\]]*[^\s<>()\[\].,;:!?'\"]")
 _TAG = re.compile(r"</?[A-Za-z][^>]*>")
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+", re.MULTILINE)
 _QUOTE = re.compile(r"^\s*>\s?", re.MULTILINE)
@@ -29,13 +29,14 @@ _RULE = re.compile(r"^\s*(?:[-*_=|:]\s*){3,}$", re.MULTILINE)
 _EMPHASIS = re.compile(r"(\*{1,3}|_{2,3}|~~)(?=\S)(.+?)(?<=\S)\1")
 _CODE = re.compile(r"`+([^`]*)`+")
 _SPACES = re.compile(r"[ \t]+")
+_LOOSE_PUNCTUATION = re.compile(r"\s+([.,;:!?])")
 
 # A period after these does not end a sentence ("Dr. Smith", "e.g. this").
 _ABBREVIATIONS = {
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "no", "fig", "approx", "inc",
     "ltd", "co", "mt", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
 }  # fmt: skip
-_SENTENCE_END = re.compile(r"(?<=[.!?…])[\"')\]”’]*\s+")
+_SENTENCE_END = re.compile(r"(?<=[.!?…])([\"')\]”’]*)\s+")
 _CLAUSE = re.compile(r"(?<=[,;:—–])\s+")
 
 
@@ -54,7 +55,7 @@ def speakable(text: str) -> str:
         text = _EMPHASIS.sub(r"\2", text)
     text = _CODE.sub(r"\1", text)
     text = text.replace("|", " ")
-    lines = (_SPACES.sub(" ", line).strip() for line in text.splitlines())
+    lines = (_LOOSE_PUNCTUATION.sub(r"\1", _SPACES.sub(" ", line)).strip() for line in text.splitlines())
     return "\n".join(line for line in lines if line)
 
 
@@ -93,7 +94,7 @@ def sentences(text: str, max_chars: int = MAX_SENTENCE_CHARS) -> list[str]:
         start = 0
         for match in _SENTENCE_END.finditer(line):
             if _ends_sentence(line, match.end()):
-                out.extend(_cut(line[start : match.start()].strip(), max_chars))
+                out.extend(_cut(line[start : match.end(1)].strip(), max_chars))
                 start = match.end()
         out.extend(_cut(line[start:].strip(), max_chars))
     return [s for s in out if any(ch.isalnum() for ch in s)]
