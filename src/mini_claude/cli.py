@@ -291,27 +291,21 @@ def speak(
     output: str = "speech.wav",
     model: str | None = None,
     speed: float = 1.0,
-    list_voices: bool = False,
 ) -> None:
     """Speak TEXT into an audio file (offline by default: hibari), its format from the file's extension.
 
     Args:
         text: what to say ("-" reads standard input).
-        voice: a voice id from --list_voices (e.g. hibari:heart, espeak-ng:fr, espeak-ng:en-us+f3) or an OpenAI
+        voice: a voice id from `mini-claude voices` (e.g. hibari:heart, espeak-ng:fr, espeak-ng:en-us+f3) or an OpenAI
             voice name (the default engine's voice).
         output: the file to write (-o): .wav, .mp3, .opus/.ogg, .flac, .aac or .pcm (16-bit 24 kHz).
         model: an engine (hibari, espeak-ng, piper, elevenlabs) or an OpenAI model name (the default engine).
         speed: 0.25-4, 1 is the voice's own pace (each engine clamps it to what it can do).
-        list_voices: print the voices (id, name, language) and exit.
     """
     from mini_claude.audio import SpeechError, speech_from_settings
     from mini_claude.audio.formats import EXTENSIONS
 
     speech = speech_from_settings(Settings())
-    if list_voices:
-        for v in speech.voices():
-            print(f"{v.id:32} {v.name:34} {v.language}")
-        return
     fmt = EXTENSIONS.get(Path(output).suffix.lower())
     if fmt is None:
         raise UserError(f"cannot tell the audio format of {output!r}; end it in {', '.join(sorted(EXTENSIONS))}")
@@ -322,6 +316,24 @@ def speak(
         raise UserError(exc.message) from None
     Path(output).write_bytes(data)
     print(f"wrote {output} ({len(data) / 1024:.0f} KiB, {fmt})", file=sys.stderr)
+
+
+def voices(json: bool = False) -> None:
+    """List the voices `speak` and /v1/audio/speech can use (every available engine's), and each engine's state.
+
+    Args:
+        json: print a JSON list instead of a table.
+    """
+    from mini_claude.audio import speech_from_settings
+
+    speech = speech_from_settings(Settings())
+    if json:
+        print(json_lib.dumps([v.to_dict() for v in speech.voices()], indent=2, ensure_ascii=False))
+        return
+    for v in speech.voices():
+        print(f"{v.id:34} {v.name:36} {v.language}")
+    for engine, state in speech.status().items():
+        print(f"# {engine}: {state}", file=sys.stderr)
 
 
 def transcribe(file: str, language: str | None = None, format: Literal["text", "srt", "vtt", "json"] = "text") -> None:
@@ -425,6 +437,7 @@ COMMANDS = {
     "serve": serve,
     **_training_commands(),
     "speak": speak,
+    "voices": voices,
     "transcribe": transcribe,
     "db": {"upgrade": db_upgrade, "downgrade": db_downgrade, "current": db_current},
 }

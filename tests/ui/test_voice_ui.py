@@ -112,7 +112,9 @@ def test_play_speaks_each_reply_in_the_picked_voice(page: Any, server: LiveServe
     set_max_tokens(page, 40)
     page.locator("#message textarea").fill("hello voice")
     page.locator("#send").click()
-    page.wait_for_function("() => document.querySelector('#chat [data-testid=\"bot\"]')?.innerText.length >= 40")
+    page.wait_for_function(
+        "() => document.querySelector('#chat [data-testid=\"bot\"]')?.innerText.length >= 40", timeout=120_000
+    )
     page.locator(".mc-play").first.wait_for()
     [conversation] = server.service.list_conversations()
     for _ in range(100):
@@ -134,8 +136,10 @@ def test_play_speaks_each_reply_in_the_picked_voice(page: Any, server: LiveServe
     # A second reply gets its own button, which speaks that reply.
     page.locator("#message textarea").fill("and again")
     page.locator("#send").click()
-    page.wait_for_function("() => document.querySelectorAll('.mc-play').length === 2")
-    page.wait_for_function("() => document.querySelectorAll('#chat [data-testid=\"bot\"]')[1].innerText.length >= 40")
+    page.wait_for_function("() => document.querySelectorAll('.mc-play').length === 2", timeout=120_000)
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chat [data-testid=\"bot\"]')[1].innerText.length >= 40", timeout=120_000
+    )
     [conversation] = server.service.list_conversations()
     for _ in range(100):  # the reply is stored when its stream ends, just after the page shows its last token
         if len(messages := server.service.get_conversation(conversation["id"])["messages"]) == 4:
