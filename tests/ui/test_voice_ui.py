@@ -107,21 +107,26 @@ def play_and_fetch(page: Any, index: int) -> bytes:
         return response.read()
 
 
+def stored_reply(page: Any, server: LiveServer, n: int) -> str:
+    """The n-th stored reply of the only conversation, once it is stored and the pane shows all of it."""
+    for _ in range(600):
+        conversations = server.service.list_conversations()
+        messages = server.service.get_conversation(conversations[0]["id"])["messages"] if conversations else []
+        if len(messages) >= 2 * (n + 1):
+            break
+        page.wait_for_timeout(100)
+    reply = messages[2 * n + 1]["content"]
+    shown = f"document.querySelectorAll('#chat [data-testid=\"bot\"]')[{n}]?.innerText.trim()"
+    page.wait_for_function(f"() => {shown} === {' '.join(reply.split())!r}", timeout=60_000)
+    return reply
+
+
 @pytest.mark.slow
 def test_play_speaks_each_reply_in_the_picked_voice(page: Any, server: LiveServer) -> None:
     set_max_tokens(page, 40)
     page.locator("#message textarea").fill("hello voice")
     page.locator("#send").click()
-    page.wait_for_function(
-        "() => document.querySelector('#chat [data-testid=\"bot\"]')?.innerText.length >= 40", timeout=120_000
-    )
-    page.locator(".mc-play").first.wait_for()
-    [conversation] = server.service.list_conversations()
-    for _ in range(100):
-        if len(messages := server.service.get_conversation(conversation["id"])["messages"]) == 2:
-            break
-        page.wait_for_timeout(50)
-    reply = messages[1]["content"]
+    reply = stored_reply(page, server, 0)
     assert page.locator(".mc-play").count() == page.locator('#chat [data-testid="bot"]').count() == 1
 
     # The default voice (hibari) speaks the reply: the file played is the service's synthesis of its text.
@@ -136,16 +141,8 @@ def test_play_speaks_each_reply_in_the_picked_voice(page: Any, server: LiveServe
     # A second reply gets its own button, which speaks that reply.
     page.locator("#message textarea").fill("and again")
     page.locator("#send").click()
-    page.wait_for_function("() => document.querySelectorAll('.mc-play').length === 2", timeout=120_000)
-    page.wait_for_function(
-        "() => document.querySelectorAll('#chat [data-testid=\"bot\"]')[1].innerText.length >= 40", timeout=120_000
-    )
-    [conversation] = server.service.list_conversations()
-    for _ in range(100):  # the reply is stored when its stream ends, just after the page shows its last token
-        if len(messages := server.service.get_conversation(conversation["id"])["messages"]) == 4:
-            break
-        page.wait_for_timeout(50)
-    second = messages[3]["content"]
+    second = stored_reply(page, server, 1)
+    assert page.locator(".mc-play").count() == 2
     assert play_and_fetch(page, 1) == speech.synthesize(second, "espeak-ng:en-us", fmt="mp3")
 
 

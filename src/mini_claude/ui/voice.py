@@ -50,8 +50,13 @@ JS = """() => {
             bot.insertAdjacentElement('afterend', button);
         });
     };
-    new MutationObserver(mark).observe(document.body, {subtree: true, childList: true});
-    mark();
+    const watch = () => {
+        const chat = document.querySelector('#chat');
+        if (!chat) return setTimeout(watch, 100);  // the page is still being built
+        new MutationObserver(mark).observe(chat, {subtree: true, childList: true});
+        mark();
+    };
+    watch();
 }"""
 
 
