@@ -25,7 +25,7 @@ TEXT = ("The first sentence is here. A second sentence follows it. Then a third 
 
 @pytest.fixture
 def server(make_live: Callable[..., Any], tmp_path: Path) -> Any:
-    return make_live(audio_cache_dir=str(tmp_path / "audio-cache"))
+    return make_live(audio_cache_dir=str(tmp_path / "audio-cache"), audio_cache_max_mb=64)
 
 
 @pytest.fixture
