@@ -160,6 +160,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
         wer = f"\nWER {summary[n]['wer']:.1%}" if "wer" in summary[n] else ""
         right.annotate(f"{1 / summary[n]['rtf']['median']:.0f}x real time{wer}",
                        (x, summary[n]["rtf"]["median"]), ha="center", va="bottom", fontsize=8)  # fmt: skip
+    right.set_ylim(0, 1.3 * max(summary[n]["rtf"]["median"] for n in names))
     right.set_ylabel("real-time factor (lower is faster)")
     right.set_title("24 sentences: synthesis time / audio time")
     fig.suptitle(title, fontsize=9)
