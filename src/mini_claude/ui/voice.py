@@ -53,7 +53,13 @@ JS = """() => {
     const watch = () => {
         const chat = document.querySelector('#chat');
         if (!chat) return setTimeout(watch, 100);  // the page is still being built
-        new MutationObserver(mark).observe(chat, {subtree: true, childList: true});
+        let queued = false;  // many mutations per streamed token: one pass per frame is enough
+        const schedule = () => {
+            if (queued) return;
+            queued = true;
+            requestAnimationFrame(() => { queued = false; mark(); });
+        };
+        new MutationObserver(schedule).observe(chat, {subtree: true, childList: true});
         mark();
     };
     watch();
