@@ -111,8 +111,10 @@ class AudioService:
 
     async def speak(self, req: SpeechRequest) -> SpeechResponse:
         """Resolve the request, make its first piece, and return the response that streams the rest."""
-        try:
-            utterance = self.speech.prepare(req.input, req.voice_name, req.model, req.speed, req.response_format)
+        try:  # in a thread: resolving an ElevenLabs voice may ask the service for its voice list
+            utterance = await anyio.to_thread.run_sync(
+                self.speech.prepare, req.input, req.voice_name, req.model, req.speed, req.response_format
+            )
         except SpeechError as exc:
             raise _api_error(exc) from None
         run = self.speech.run(utterance, progressive=req.stream_format is not None)
@@ -171,7 +173,8 @@ class AudioService:
     async def speak_text(self, text: str, voice: str | None = None, fmt: str = "mp3") -> bytes:
         """The whole file for `text` (the web UI's play button): same pipeline, cache and metrics as the API."""
         try:
-            run = self.speech.run(self.speech.prepare(text, voice, None, 1.0, fmt), progressive=False)
+            utterance = await anyio.to_thread.run_sync(self.speech.prepare, text, voice, None, 1.0, fmt)
+            run = self.speech.run(utterance, progressive=False)
             return b"".join([piece async for piece in self._pieces(run)])
         except SpeechError as exc:
             raise _api_error(exc) from None
