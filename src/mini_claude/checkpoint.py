@@ -26,7 +26,7 @@ from torch import Tensor
 
 from mini_claude.config import ModelConfig
 from mini_claude.model import Transformer
-from mini_claude.quantize import Int4Blocks, quantize_model
+from mini_claude.quantize import Int4Blocks, Int8Blocks, quantize_model
 from mini_claude.tokenizer import Tokenizer
 
 FORMAT_NAME = "mini-claude"
@@ -45,6 +45,8 @@ class Checkpoint:
     name: str
     # Exact int4 values of weights the file stores as Q4_0/Q4_1, by module name, for int4 inference.
     int4_blocks: dict[str, Int4Blocks] = field(default_factory=dict)
+    # Exact int8 values of weights stored as Q8_0 (a tied embedding's appear as `lm_head`: the head reads them).
+    int8_blocks: dict[str, Int8Blocks] = field(default_factory=dict)
 
 
 Progress = Callable[[int, int], None]  # (done, total) callback for long loads
@@ -105,6 +107,14 @@ def gguf_int4_blocks(data: np.ndarray, kind: str) -> Int4Blocks:
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)  # (N, K)
     zeros = m + 8 * d if kind == "Q4_1" else np.zeros_like(d)
     return Int4Blocks(torch.from_numpy(q.astype(np.uint8)), torch.from_numpy(d), torch.from_numpy(zeros))
+
+
+def gguf_int8_blocks(data: np.ndarray) -> Int8Blocks:
+    """Q8_0 blocks (fp16 d, then 32 int8): w = d * q, as int8 values with one scale per 32 weights."""
+    blocks = np.asarray(data).reshape(data.shape[0], -1, 34)
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+    q = blocks[..., 2:].copy().view(np.int8).reshape(data.shape[0], -1)  # (N, K)
+    return Int8Blocks(torch.from_numpy(q), torch.from_numpy(d))
 
 
 def _dequantize_rows(data: np.ndarray, kind: Any, path: Path, name: str) -> Tensor:
@@ -191,7 +201,8 @@ def _gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
 def load_gguf(
     path: Path, dtype: torch.dtype = torch.float32, progress: Progress | None = None, keep_int4: bool = False
 ) -> Checkpoint:
-    """Read a GGUF file; with `keep_int4`, also return the exact int4 values of its Q4_0/Q4_1 weights."""
+    """Read a GGUF file; with `keep_int4`, also return the exact low-bit values of its Q4_0/Q4_1 weights (and of
+    its Q8_0 ones, which the int8 kernels run as they are)."""
     meta, reader = read_gguf(path)
     names = {t.name for t in reader.tensors}
     config = _gguf_config(meta, names)
@@ -201,6 +212,7 @@ def load_gguf(
         raise CheckpointError(f"{path}: cannot build its tokenizer ({exc})") from None
     state: dict[str, Tensor] = {}
     blocks: dict[str, Int4Blocks] = {}
+    blocks8: dict[str, Int8Blocks] = {}
     total = len(reader.tensors)
     for i, t in enumerate(reader.tensors):
         kind = t.tensor_type.name
@@ -214,6 +226,12 @@ def load_gguf(
             if permuted:
                 block = Int4Blocks(*(unpermute_qk(x, n_head) for x in (block.q, block.scales, block.zeros)))  # type: ignore[arg-type]
             blocks[gguf_to_ours(t.name).removesuffix(".weight")] = block
+        if keep_int4 and kind == "Q8_0" and t.name.endswith(".weight") and not permuted and "attn_qkv" not in t.name:
+            name = gguf_to_ours(t.name).removesuffix(".weight")
+            if name == "embed_tokens":  # a lookup table, not a matmul, unless it is also the (tied) head
+                name = "lm_head" if config.tie_embeddings else ""
+            if name:
+                blocks8[name] = gguf_int8_blocks(t.data)
         if t.name.endswith("attn_qkv.weight") or t.name.endswith("attn_qkv.bias"):
             prefix = gguf_to_ours(t.name.replace("attn_qkv", "attn_q")).rsplit(".q_proj.", 1)[0]
             kind = t.name.rsplit(".", 1)[1]
@@ -225,7 +243,7 @@ def load_gguf(
         if progress:
             progress(i + 1, total)
     name = meta.get("general.name") or path.stem
-    return Checkpoint(config, state, tokenizer, name, blocks)
+    return Checkpoint(config, state, tokenizer, name, blocks, blocks8)
 
 
 def _split_qkv(w: Tensor, config: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -474,5 +492,5 @@ def load_model(
     if quantize == "auto":
         quantize = "int4" if ckpt.int4_blocks else "int8"
     model = build_model(ckpt.config, ckpt.state_dict)
-    quantize_model(model, quantize, ckpt.int4_blocks)
+    quantize_model(model, quantize, {**ckpt.int8_blocks, **ckpt.int4_blocks})
     return model, ckpt.tokenizer, ckpt.name

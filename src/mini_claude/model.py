@@ -15,17 +15,34 @@ This is the network that answers in `mini-claude chat`, not a simplified copy of
   with no padding inside the cache: a key is visible to a query iff its position is <= the query's.
   That one rule is the causal mask, the batching mask and the "ignore stale slots" mask at once.
 - Norms compute in float32 and cast back, as the reference implementations do, so bf16 weights stay stable.
+- The fast path (inference, our C++ kernels built: `kernels/`) runs the same modules with fewer, fatter ops:
+  one fused matmul for q/k/v and one for gate/up when the weights are quantized (`quantize.fuse_projections`),
+  RMSNorm and silu(gate)*up as one call each, and, for decode (one new token per sequence), RoPE plus the
+  cache write as one call and `decode_attention`, which reads a sequence's keys through its block table.
+  Each of those kernels is tested against the PyTorch code it replaces, which stays here and runs whenever
+  autograd is on or the kernels are missing.
 """
 
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mini_claude import kernels
 from mini_claude.config import ModelConfig
+
+FAST_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels compute on
+
+
+def fast_ops() -> ModuleType | None:
+    """Our C++ kernels, when they may run this call: built, and no autograd graph to record (they have no
+    backward). None means: run the PyTorch code."""
+    return None if torch.is_grad_enabled() else kernels.load()
+
 
 # --------------------------------------------------------------------------------------------- norms
 
@@ -39,6 +56,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype and x.dtype in FAST_DTYPES and (ops := fast_ops()) is not None:
+            return ops.rms_norm(x, self.weight, self.eps)  # the same arithmetic in one call
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -218,6 +237,16 @@ class KVCache:
             return kc[: k.shape[0], :, :n_keys], vc[: k.shape[0], :, :n_keys]
         return kc[slots, :, :n_keys], vc[slots, :, :n_keys]
 
+    def pools(self, layer: int) -> tuple[Tensor, Tensor]:
+        """One layer's keys and values as block pools (n_blocks, n_kv_head, block_size, head_dim), the form
+        `kernels.decode_attention` reads: here each slot is one block holding its whole capacity."""
+        return self.k[layer], self.v[layer]
+
+    def block_tables(self, slots: Tensor | None, batch: int) -> Tensor:
+        """(B, max_blocks) int32: the blocks of each row's sequence, in order; here just its slot."""
+        rows = torch.arange(batch) if slots is None else slots
+        return rows.to(torch.int32).view(-1, 1)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -232,12 +261,31 @@ class Attention(nn.Module):
         # Set to True to run the written-out attention and keep its weights in `last_weights` for study.
         self.record_weights = False
         self.last_weights: Tensor | None = None
+        # quantize.fuse_projections may add one matmul for all three (qkv_proj) over views of their weights.
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_parts: tuple[nn.Module, ...] = ()
+
+    def _fused_qkv(self, x: Tensor) -> Tensor | None:
+        """q, k, v side by side from the fused matmul, if there is one and its parts are still the layers here
+        (a LoRA adapter wraps a part in another module: then each projection runs on its own)."""
+        p = self.qkv_parts
+        if p and self.q_proj is p[0] and self.k_proj is p[1] and self.v_proj is p[2]:
+            return self.qkv_proj(x)  # type: ignore[misc]
+        return None
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        qkv = self._fused_qkv(x)  # (B, T, (nh + 2 nkv) hd) or None
+        if ctx.decode and not self.record_weights:
+            return self._decode(x, qkv, ctx)
+        if qkv is not None:
+            kv = self.n_kv_head * self.head_dim
+            q, k, v = qkv.split([self.n_head * self.head_dim, kv, kv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if ctx.cos is not None:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
@@ -251,6 +299,21 @@ class Attention(nn.Module):
             )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
+
+    def _decode(self, x: Tensor, qkv: Tensor | None, ctx: ForwardContext) -> Tensor:
+        """One new token per row with our kernels: the same RoPE, cache write and attention as `forward`."""
+        B = x.shape[0]
+        if qkv is None:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        ops = kernels.load()
+        k_pool, v_pool = ctx.cache.pools(self.layer_idx)  # type: ignore[union-attr]
+        q = ops.rope_kv_write(  # type: ignore[union-attr]
+            qkv, ctx.positions, ctx.cos, ctx.sin, k_pool, v_pool, ctx.block_tables, self.n_head, self.n_kv_head
+        )  # (B, 1, nh, hd), rotated; k rotated and v written at each row's position
+        y = ops.decode_attention(  # type: ignore[union-attr]
+            q.view(B, self.n_head, self.head_dim), k_pool, v_pool, ctx.block_tables, ctx.lengths, self.head_dim**-0.5
+        )  # (B, nh, hd)
+        return self.o_proj(y.view(B, 1, self.n_head * self.head_dim))
 
 
 # ------------------------------------------------------------------------------------------------ MLP
@@ -266,8 +329,18 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
+        # quantize.fuse_projections may add one matmul for gate and up (see Attention.qkv_proj).
+        self.gate_up_proj: nn.Module | None = None
+        self.gate_up_parts: tuple[nn.Module, ...] = ()
 
     def forward(self, x: Tensor) -> Tensor:
+        p = self.gate_up_parts
+        if p and self.gate_proj is p[0] and self.up_proj is p[1]:
+            gate_up = self.gate_up_proj(x)  # type: ignore[misc]  # (B, T, 2 * intermediate)
+            if gate_up.dtype in FAST_DTYPES and (ops := fast_ops()) is not None:
+                return self.down_proj(ops.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))  # GPT-2's "gelu_new"
@@ -292,7 +365,12 @@ class Block(nn.Module):
 class ForwardContext:
     """What every layer of one forward pass shares: positions, their RoPE angles, the mask, the cache."""
 
-    __slots__ = ("cache", "cos", "is_causal", "mask", "n_keys", "positions", "sin", "slots")
+    # decode: one new token per row through our kernels, which read `block_tables` and `lengths` (the number of
+    # keys each row sees); cos/sin are then the whole RoPE tables, not this call's rows of them.
+    __slots__ = (
+        "block_tables", "cache", "cos", "decode", "is_causal", "lengths", "mask", "n_keys", "positions", "sin",
+        "slots",
+    )  # fmt: skip
 
     def __init__(self, **kwargs: object) -> None:
         for name in self.__slots__:
@@ -369,9 +447,10 @@ class Transformer(nn.Module):
             n_keys = T  # keys are this call's tokens
             if self.config.max_seq_len < T or int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"{T} tokens exceed the context window of {self.config.max_seq_len}")
-        is_causal, mask = self._mask(positions, n_keys, default_positions, with_cache=cache is not None)
-
         x = self.embed_tokens(idx)  # (B, T, dim)
+        if T == 1 and cache is not None and x.dtype in FAST_DTYPES and fast_ops() is not None:
+            return self._decode_step(x, positions, cache, slots)
+        is_causal, mask = self._mask(positions, n_keys, default_positions, with_cache=cache is not None)
         cos = sin = None
         if self.config.positions == "rope":
             cos = self._table("cos", device)[positions][:, None].to(x.dtype)  # (B, 1, T, hd)
@@ -389,6 +468,24 @@ class Transformer(nn.Module):
             x = layer(x, ctx)
         if logits_at is not None:
             x = x[torch.arange(B, device=device), logits_at][:, None]  # (B, 1, dim)
+        return self.lm_head(self.norm(x))
+
+    def _decode_step(self, x: Tensor, positions: Tensor, cache: KVCache, slots: Tensor | None) -> Tensor:
+        """One new token per row (B, 1) through our decode kernels (see the module docstring)."""
+        B = x.shape[0]
+        cos = sin = None
+        if self.config.positions == "rope":
+            cos, sin = self._table("cos", x.device), self._table("sin", x.device)  # (max_seq_len, hd) float32
+        elif self.config.positions == "learned":
+            x = x + self.embed_positions(positions)
+        else:
+            x = x + self._table("sinusoidal", x.device)[positions].to(x.dtype)
+        ctx = ForwardContext(
+            positions=positions.long(), cos=cos, sin=sin, cache=cache, slots=slots, decode=True,
+            block_tables=cache.block_tables(slots, B), lengths=(positions[:, 0] + 1).to(torch.int32),
+        )  # fmt: skip
+        for layer in self.layers:
+            x = layer(x, ctx)
         return self.lm_head(self.norm(x))
 
     @staticmethod

@@ -1,0 +1,90 @@
+// Shared declarations of Mini-Claude's CPU kernels (see mini_claude/kernels/__init__.py for the design).
+//
+// Every kernel has two implementations of the same arithmetic: an AVX-512 one, compiled when the build
+// machine has AVX-512 F/BW/VL (the extension is built with -march=native on the machine that runs it), and a
+// portable C++ one. `set_portable(true)` forces the portable one at run time, so tests can compare the two on
+// any CPU. Integer parts are exact in both; float sums may differ in their order (a few ulps).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MC_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace mini_claude {
+
+// Runs fn(begin, end) over [0, n) in chunks of `chunk`, on the calling thread and the pool's helpers
+// (at::get_num_threads() in all); never waits for a helper that has not started (see pool.cpp).
+void parallel_for(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn);
+
+bool portable();
+void set_portable(bool on);
+std::string isa();  // which implementation runs: "avx512-vnni", "avx512" or "portable"
+
+// Low-bit linear layers (lowbit.cpp). Weights are packed by quantize.py into tiles of 4 output rows, pairs of
+// 32-weight blocks along the input dimension; see pack_int4 / pack_int8 there for the exact layout.
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& mins, const c10::optional<at::Tensor>& bias, int64_t out_features,
+                     c10::optional<at::ScalarType> out_dtype);
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias, int64_t out_features,
+                     c10::optional<at::ScalarType> out_dtype);
+// The activation quantization the linear kernels run first, exposed for tests: (q int16 (M, P*64) in the
+// kernels' pair layout, block sums float (M, 2P), row scales float (M,)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x, int64_t pairs);
+
+// Decode-step kernels (decode.cpp).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                            const at::Tensor& block_tables, const at::Tensor& lengths, double scale);
+at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& positions, const c10::optional<at::Tensor>& cos,
+                         const c10::optional<at::Tensor>& sin, at::Tensor k_pool, at::Tensor v_pool,
+                         const at::Tensor& block_tables, int64_t n_head, int64_t n_kv_head);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+
+// float <-> bfloat16 / half, bit-exact with torch's conversions (round to nearest even).
+inline float bf16_to_float(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <typename T>
+inline float to_float(T v);
+template <>
+inline float to_float<float>(float v) {
+  return v;
+}
+template <>
+inline float to_float<at::BFloat16>(at::BFloat16 v) {
+  return bf16_to_float(v.x);
+}
+template <typename T>
+inline T from_float(float v);
+template <>
+inline float from_float<float>(float v) {
+  return v;
+}
+template <>
+inline at::BFloat16 from_float<at::BFloat16>(float v) {
+  at::BFloat16 b;
+  b.x = float_to_bf16(v);
+  return b;
+}
+
+}  // namespace mini_claude
