@@ -10,6 +10,7 @@ deterministic, so the bytes are equal), and the transcript must be the sentence 
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,11 +110,13 @@ def play_and_fetch(page: Any, index: int) -> bytes:
 
 def stored_reply(page: Any, server: LiveServer, n: int) -> str:
     """The n-th stored reply of the only conversation, once it is stored and the pane shows all of it."""
-    for _ in range(600):
+    deadline = time.monotonic() + 180  # a busy shared machine can be very slow
+    while True:
         conversations = server.service.list_conversations()
         messages = server.service.get_conversation(conversations[0]["id"])["messages"] if conversations else []
         if len(messages) >= 2 * (n + 1):
             break
+        assert time.monotonic() < deadline, f"reply {n} was not stored; the conversation holds {messages}"
         page.wait_for_timeout(100)
     reply = messages[2 * n + 1]["content"]
     shown = f"document.querySelectorAll('#chat [data-testid=\"bot\"]')[{n}]?.innerText.trim()"
