@@ -238,7 +238,9 @@ def main() -> None:
             "load_avg": load, "reps": args.reps, "voices": voices, "skipped": skipped}  # fmt: skip
     json_path, png_path = args.out / f"audio-{stamp}.json", args.out / f"audio-{stamp}.png"
     json_path.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
-    plot(summary, png_path, f"{cpu}, {os.cpu_count()} cores, one engine thread")
+    share = statistics.median(summary[n]["cpu_share"]["median"] for n in names)
+    plot(summary, png_path, f"{cpu}, {os.cpu_count()} cores, one engine thread; CPU share {share:.2f}, "
+                            f"load average {load[0]:.1f}")  # fmt: skip
     print(f"wrote {json_path} and {png_path}")
 
 
