@@ -19,11 +19,14 @@ from typing import Any
 
 from mini_claude import cli
 
+SHORT_FLAGS = {"-o": "--output"}  # the few flags with a conventional one-letter form
+
 
 def _normalize_flags(argv: Sequence[str]) -> list[str]:
-    """Accept `--max-tokens` as well as jsonargparse's `--max_tokens`."""
+    """Accept `--max-tokens` as well as jsonargparse's `--max_tokens`, and `-o FILE` for `--output FILE`."""
     out = []
     for arg in argv:
+        arg = SHORT_FLAGS.get(arg, arg)
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value

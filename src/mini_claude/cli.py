@@ -285,6 +285,79 @@ def serve(
     uvicorn.run(create_app(settings, engine), host=settings.host, port=settings.port, log_level=log_level)
 
 
+def speak(
+    text: str,
+    voice: str | None = None,
+    output: str = "speech.wav",
+    model: str | None = None,
+    speed: float = 1.0,
+) -> None:
+    """Speak TEXT into an audio file (offline by default: hibari), its format from the file's extension.
+
+    Args:
+        text: what to say ("-" reads standard input).
+        voice: a voice id from `mini-claude voices` (e.g. hibari:heart, espeak-ng:fr, espeak-ng:en-us+f3) or an OpenAI
+            voice name (the default engine's voice).
+        output: the file to write (-o): .wav, .mp3, .opus/.ogg, .flac, .aac or .pcm (16-bit 24 kHz).
+        model: an engine (hibari, espeak-ng, piper, elevenlabs) or an OpenAI model name (the default engine).
+        speed: 0.25-4, 1 is the voice's own pace (each engine clamps it to what it can do).
+    """
+    from mini_claude.audio import SpeechError, speech_from_settings
+    from mini_claude.audio.formats import EXTENSIONS
+
+    speech = speech_from_settings(Settings())
+    fmt = EXTENSIONS.get(Path(output).suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot tell the audio format of {output!r}; end it in {', '.join(sorted(EXTENSIONS))}")
+    words = sys.stdin.read() if text == "-" else text
+    try:
+        data = speech.synthesize(words, voice, model, speed, fmt)
+    except SpeechError as exc:
+        raise UserError(exc.message) from None
+    Path(output).write_bytes(data)
+    print(f"wrote {output} ({len(data) / 1024:.0f} KiB, {fmt})", file=sys.stderr)
+
+
+def voices(json: bool = False) -> None:
+    """List the voices `speak` and /v1/audio/speech can use (every available engine's), and each engine's state.
+
+    Args:
+        json: print a JSON list instead of a table.
+    """
+    from mini_claude.audio import speech_from_settings
+
+    speech = speech_from_settings(Settings())
+    if json:
+        print(json_lib.dumps([v.to_dict() for v in speech.voices()], indent=2, ensure_ascii=False))
+        return
+    for v in speech.voices():
+        print(f"{v.id:34} {v.name:36} {v.language}")
+    for engine, state in speech.status().items():
+        print(f"# {engine}: {state}", file=sys.stderr)
+
+
+def transcribe(file: str, language: str | None = None, format: Literal["text", "srt", "vtt", "json"] = "text") -> None:
+    """Transcribe an audio FILE (wav, mp3, flac, ogg, webm, m4a...) with the bundled Whisper tiny.en, offline.
+
+    Args:
+        file: the audio file.
+        language: the spoken language (tiny.en knows English only).
+        format: text, srt or vtt subtitles, or json (OpenAI's verbose_json: segments with timestamps).
+    """
+    from mini_claude.audio import AudioFormatError, SpeechError, Transcriber, decode
+
+    try:
+        transcript = Transcriber().transcribe(decode(Path(file).read_bytes()), language)
+    except FileNotFoundError:
+        raise UserError(f"no such file: {file}") from None
+    except (AudioFormatError, SpeechError) as exc:
+        raise UserError(str(exc)) from None
+    if format == "json":
+        print(json_lib.dumps(transcript.verbose(), ensure_ascii=False, indent=2))
+    else:
+        print({"text": transcript.text, "srt": transcript.srt(), "vtt": transcript.vtt()}[format])
+
+
 def db_upgrade(database_url: str | None = None, revision: str = "head") -> None:
     """Create or migrate the database schema (the server also does this when it starts).
 
@@ -397,5 +470,8 @@ COMMANDS = {
     "serve": serve,
     **_training_commands(),
     "quantize": quantize,
+    "speak": speak,
+    "voices": voices,
+    "transcribe": transcribe,
     "db": {"upgrade": db_upgrade, "downgrade": db_downgrade, "current": db_current},
 }

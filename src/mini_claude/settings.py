@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -49,6 +49,20 @@ class Settings(BaseSettings):
     fine_tune_dir: str = Field(
         "./fine-tunes", description="Where jobs from POST /v1/fine-tunes write their runs (one dir per job)."
     )
+
+    # ----------------------------------------------------------------------------------------- voice
+    tts_engine: Literal["hibari", "espeak-ng", "piper", "elevenlabs"] = Field(
+        "hibari", description="The speech engine OpenAI's model names (tts-1, gpt-4o-mini-tts) select."
+    )
+    audio_cache_dir: str = Field("./audio-cache", description="Where synthesized speech is cached on disk.")
+    audio_cache_max_mb: float = Field(256, ge=0, description="Most megabytes the audio cache holds (0: no cache).")
+    audio_threads: int = Field(1, ge=1, le=64, description="CPU threads of the speech engine's ONNX runtime.")
+    # ElevenLabs' own variable name (its SDK reads the same one); MINI_CLAUDE_ELEVENLABS_API_KEY works too.
+    elevenlabs_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("ELEVENLABS_API_KEY", "MINI_CLAUDE_ELEVENLABS_API_KEY"), repr=False
+    )
+    elevenlabs_base_url: str | None = Field(None, description="ElevenLabs' API root (default: the service's own).")
+    elevenlabs_model: str = "eleven_multilingual_v2"
 
     @field_validator("api_keys", "adapters", mode="before")
     @classmethod

@@ -65,7 +65,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def app_settings(database_url: str, **kwargs: Any) -> Settings:
     """Settings of a test app: the given values, defaults for the rest (no environment, no .env file)."""
-    values: dict[str, Any] = {"api_keys": [], "system_prompt": None, "max_tokens": 512, "ui": False, **kwargs}
+    values: dict[str, Any] = {"api_keys": [], "system_prompt": None, "max_tokens": 512, "ui": False,
+                              "audio_cache_max_mb": 0, **kwargs}  # fmt: skip
     return Settings(_env_file=None, database_url=database_url, **values)  # type: ignore[call-arg]
 
 

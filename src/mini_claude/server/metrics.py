@@ -13,15 +13,37 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from mini_claude.engine import Completion
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+AUDIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+
+
+class _AudioCacheCollector(Collector):
+    """The audio cache's own counters (it is also used outside the server), read at scrape time."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        stats = self.cache.stats
+        for name, value, doc in (
+            ("hits", stats.hits, "Speech requests answered from the audio cache."),
+            ("misses", stats.misses, "Speech requests that had to be synthesized."),
+            ("evictions", stats.evictions, "Cached files removed to stay within the size bound."),
+        ):
+            yield CounterMetricFamily(f"mini_claude_audio_cache_{name}", doc, value=value)
+        yield GaugeMetricFamily("mini_claude_audio_cache_bytes", "Bytes the audio cache holds.", value=self.cache.size)
+        yield GaugeMetricFamily("mini_claude_audio_cache_entries", "Files in the audio cache.", value=len(self.cache))
 
 
 class Metrics:
@@ -56,6 +78,22 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge("mini_claude_scheduler_waiting", "Prompts waiting for a slot.", registry=r)
         self.running = Gauge("mini_claude_scheduler_running", "Sequences in the decode batch.", registry=r)
+        self.speech_ttfa = Histogram(
+            "mini_claude_speech_time_to_first_audio_seconds", "From starting a synthesis to its first audio bytes.",
+            ["engine"], buckets=AUDIO_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.speech_audio = Counter(
+            "mini_claude_speech_audio_seconds", "Seconds of speech synthesized (cache hits excluded).", ["engine"],
+            registry=r,
+        )  # fmt: skip
+        self.speech_work = Counter(
+            "mini_claude_speech_synthesis_seconds", "Time spent synthesizing and encoding speech; divided by the "
+            "audio seconds it is the real-time factor.", ["engine"], registry=r,
+        )  # fmt: skip
+        self.transcribed = Counter(
+            "mini_claude_transcription_audio_seconds", "Seconds of audio transcribed.", registry=r
+        )
+        self._audio_cache_watched = False
 
     def watch_scheduler(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Read the scheduler's queue depth and batch size whenever /metrics is scraped."""
@@ -77,6 +115,24 @@ class Metrics:
             self.ttft.observe(completion.ttft_ms / 1000)
         if completion.decode_tokens_per_s > 0:
             self.decode_rate.observe(completion.decode_tokens_per_s)
+
+    def watch_audio_cache(self, cache: Any) -> None:
+        """Export the audio cache's hits, misses, evictions and size (once per app)."""
+        if not self._audio_cache_watched:
+            self.registry.register(_AudioCacheCollector(cache))
+            self._audio_cache_watched = True
+
+    def observe_speech(self, run: Any) -> None:
+        """Record one speech run (`audio.SpeechRun`): time to first audio, and the work for a synthesized one."""
+        engine = run.utterance.engine.name
+        if run.first_audio_seconds is not None:
+            self.speech_ttfa.labels(engine).observe(run.first_audio_seconds)
+        if not run.cached:
+            self.speech_audio.labels(engine).inc(run.audio_seconds)
+            self.speech_work.labels(engine).inc(run.synthesis_seconds)
+
+    def observe_transcription(self, audio_seconds: float) -> None:
+        self.transcribed.inc(audio_seconds)
 
     def observe_cancelled(self, n: int = 1) -> None:
         self.sequences.labels("cancelled").inc(n)

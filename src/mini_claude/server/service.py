@@ -31,6 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mini_claude.db import ping
 from mini_claude.engine import Engine
 from mini_claude.scheduler import Scheduler
+from mini_claude.server.audio import AudioService
 from mini_claude.server.chat import ChatCompletions, ReplyEvent
 from mini_claude.server.completions import TextCompletions
 from mini_claude.server.conversations import ConversationStore
@@ -59,6 +60,7 @@ class ChatService:
         self.generation = Generation(self)
         self.chat = ChatCompletions(self)
         self.completions = TextCompletions(self)
+        self.audio = AudioService(self)
 
     def start(self, engine: Engine, db: Database, scheduler: Scheduler | None = None) -> None:
         self.engine, self.db = engine, db
@@ -100,14 +102,15 @@ class ChatService:
 
     def health(self) -> HealthResponse:
         if self.db is None:
-            return HealthResponse(status="starting", model=None, database="not started", scheduler="not started")
+            return HealthResponse(status="starting", model=None, database="not started", scheduler="not started",
+                                  voice=self.audio.health())  # fmt: skip
         db_ok, sched_ok = ping(self.db), self.scheduler_alive
         stats = self.scheduler.stats if self.scheduler is not None else None
         return HealthResponse(
             status="healthy" if db_ok and sched_ok else "unhealthy", model=self.model_name,
             database="ok" if db_ok else "unreachable", scheduler="running" if sched_ok else "stopped",
             waiting=stats.waiting if stats else 0, running=stats.running if stats else 0,
-            uptime_s=round(time.monotonic() - self.started_at, 3),
+            uptime_s=round(time.monotonic() - self.started_at, 3), voice=self.audio.health(),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------ the database

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import gradio as gr
 
+from mini_claude.ui import voice as voice_ui
+
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
@@ -226,6 +228,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, fill_height=True) as demo:
         open_id = gr.State(None)  # id of the conversation shown in the pane; None until its first message
+        audio = getattr(service, "audio", None)  # the voice (ui/voice.py), where the service has one
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=260, elem_id="sidebar"):
                 gr.Markdown(f"## {TITLE}")
@@ -250,6 +253,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         1, MAX_TOKENS_LIMIT, value=default_max_tokens, step=1, label="Max new tokens",
                         elem_id="max-tokens",
                     )  # fmt: skip
+                    voice = voice_ui.voice_picker(audio) if audio is not None else None
             with gr.Column(scale=4):
                 chat = gr.Chatbot(
                     show_label=False,
@@ -270,6 +274,8 @@ def build_ui(service: ChatService) -> gr.Blocks:
                     )
                     send_button = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
                     stop_button = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
+                if audio is not None and voice is not None:
+                    voice_ui.add_voice(audio, chat, message, voice)
 
         private: dict[str, Any] = {"api_visibility": "private"}  # the OpenAI routes are the API; these are not
         gr.on(
@@ -315,5 +321,6 @@ def mount_ui(app: FastAPI, service: ChatService, path: str = "/ui") -> FastAPI:
         ssr_mode=False,
         pwa=False,
         theme=gr.themes.Soft(primary_hue="orange", neutral_hue="stone"),
-        css=CSS,
+        css=CSS + voice_ui.VOICE_CSS,
+        js=voice_ui.JS,
     )

@@ -55,3 +55,4 @@ class HealthResponse(BaseModel):
     waiting: int = 0
     running: int = 0
     uptime_s: float = 0.0
+    voice: dict[str, str] = {}  # each speech engine and the transcriber: "available", or why not
