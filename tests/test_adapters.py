@@ -198,3 +198,63 @@ def test_adapter_info_and_default_names(tiny: dict[str, Path], tmp_path: Path) -
     assert wrapped == set(info.modules)  # untouched layers stay as they were
     assert default_adapter_name(tmp_path / "runs" / "my-run" / "adapter") == "my-run"
     assert default_adapter_name(tmp_path / "my-adapter") == "my-adapter"
+
+
+# ------------------------------------------------------------------------ one failing sequence alone
+
+
+def nan_adapter(tiny: dict[str, Path], root: Path) -> Path:
+    """A copy of the 'alpha' adapter whose lora_B weights are NaN: its rows' logits are NaN, nobody else's."""
+    from safetensors.torch import load_file, save_file
+
+    root.mkdir()
+    (root / "adapter_config.json").write_text((tiny["alpha"] / "adapter_config.json").read_text())
+    tensors = load_file(tiny["alpha"] / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in tensors.items()},
+              root / "adapter_model.safetensors")  # fmt: skip
+    return root
+
+
+def test_nan_logits_and_a_removed_adapter_end_their_sequences_alone(tiny: dict[str, Path], tmp_path: Path) -> None:
+    engine = engine_with_adapters(tiny)
+    engine.load_adapter(nan_adapter(tiny, tmp_path / "broken"), "broken")
+    prompts = [[5, 9, 200, 17], [7, 100, 2, 64, 128, 255], [1, 2], [42] * 5]
+    adapters = [None, "broken", "beta", "alpha"]
+    alone = [engine.complete(p, GREEDY, adapter=a).completion_ids for p, a in zip(prompts, adapters, strict=True)
+             if a != "broken"]  # fmt: skip
+    gen = BatchGenerator(engine.model, 4, engine.tokenizer.stop_ids, engine.adapters)
+    seqs = [gen.new_sequence(p, GREEDY, a) for p, a in zip(prompts, adapters, strict=True)]
+    events = gen.add(seqs)
+    broken = [ev for ev in events if ev.seq is seqs[1]]
+    assert [(ev.token_id, ev.finish_reason) for ev in broken] == [(None, "error")]
+    assert seqs[1].error == "the model produced NaN logits" and seqs[1] not in gen.running
+    for _ in range(3):
+        gen.step()
+    engine.adapters.unload("alpha")  # while a sequence uses it
+    events = gen.step()
+    assert [(ev.seq, ev.finish_reason) for ev in events if ev.finish_reason == "error"] == [(seqs[3], "error")]
+    assert seqs[3].error == "its adapter was removed"
+    while gen.running:
+        gen.step()
+    assert [seqs[0].output_ids, seqs[2].output_ids] == alone[:2]  # the others carried on, unchanged
+    assert seqs[3].output_ids == alone[2][: len(seqs[3].output_ids)] and len(seqs[3].output_ids) == 4
+    assert gen.cache.used_blocks == 0
+
+
+def test_a_request_whose_adapter_is_removed_fails_alone_in_the_scheduler(tiny: dict[str, Path]) -> None:
+    engine = engine_with_adapters(tiny)
+    long = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    expected = engine.complete([5, 9, 200, 17], long).completion_ids
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        base = scheduler.submit([5, 9, 200, 17], long)
+        doomed = scheduler.submit([1, 2, 3], long, adapter="beta")
+        first = next(iter(doomed))
+        assert first.token_ids
+        engine.adapters.unload("beta")
+        with pytest.raises(RuntimeError, match="its adapter was removed"):
+            list(doomed)
+        assert [t for chunk in base for t in chunk.token_ids] == expected
+    finally:
+        scheduler.close()
+    assert scheduler.stats.failed == 1

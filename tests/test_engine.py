@@ -81,10 +81,14 @@ class ScriptedModel(nn.Module):
     def new_cache(self, n_slots: int = 1, capacity: int = 256) -> None:
         return None
 
-    def forward(self, idx: Tensor, positions: Tensor | None = None, cache=None, slots=None, logits_at=None) -> Tensor:
+    def forward(
+        self, idx: Tensor, positions: Tensor | None = None, cache=None, slots=None, logits_at=None, logits_rows=None
+    ) -> Tensor:
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T).expand(B, T)
+        if logits_rows is not None:
+            positions, B = positions[logits_rows], len(logits_rows)
         at = logits_at if logits_at is not None else torch.full((B,), T - 1)
         fed = positions[torch.arange(B), at]  # (B,) position of the token whose successor is wanted
         logits = torch.full((B, 1, self.config.vocab_size), float("-inf"))  # any sampling picks the script

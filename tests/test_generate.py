@@ -400,3 +400,25 @@ def test_finish_from_outside_frees_the_slot(model: Transformer) -> None:
         gen.step()
     assert s3.output_ids == reference_greedy(model, s3.prompt_ids, GREEDY.max_new_tokens)
     assert s2.output_ids == reference_greedy(model, s2.prompt_ids, GREEDY.max_new_tokens)
+
+
+def test_a_sampler_that_raises_ends_its_sequence_alone(model: Transformer) -> None:
+    gen = BatchGenerator(model, n_slots=3)
+    seqs = [gen.new_sequence(prompt(n, 70 + n), GREEDY) for n in (4, 6, 3)]
+    calls = 0
+
+    def flaky(seq: SequenceState, logits: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise ValueError("grammar has no allowed token")
+        return logits
+
+    seqs[1].logits_hook = flaky  # a per-sequence sampling step (a grammar's mask) that fails on its 3rd call
+    gen.add(seqs)
+    while gen.running:
+        gen.step()
+    assert seqs[1].finish_reason == "error" and len(seqs[1].output_ids) == 2
+    assert seqs[1].error == "sampling failed: ValueError: grammar has no allowed token"
+    for s in (seqs[0], seqs[2]):
+        assert s.finish_reason == "length" and s.output_ids == reference_greedy(model, s.prompt_ids, 12)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +90,56 @@ def test_a_prompt_that_cannot_fit_is_refused_at_submit(engine: Engine) -> None:
     final = [c for c in handle][-1]
     scheduler.close()
     assert final.completion is not None and final.completion.truncated_prompt_tokens == 200 - 127
+
+
+def thread_cpu_seconds(native_id: int) -> float:
+    """User + system CPU time of one thread of this process, from /proc (clock ticks of 1/100 s)."""
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_scheduler_sleeps_instead_of_polling(engine: Engine) -> None:
+    scheduler = Scheduler(engine)
+    try:
+        handle = scheduler.submit(engine.encode_text("wake up"), SamplingParams(max_new_tokens=4))
+        list(handle)
+        native_id = scheduler._thread.native_id
+        assert native_id is not None
+        before = thread_cpu_seconds(native_id)
+        time.sleep(1.5)
+        assert thread_cpu_seconds(native_id) - before <= 0.02, "the loop used CPU with nothing to do"
+        handle = scheduler.submit(engine.encode_text("and again"), SamplingParams(max_new_tokens=4))
+        assert [c for c in handle][-1].finish_reason is not None  # a request wakes it at once
+    finally:
+        scheduler.close()
+
+
+def test_prefix_cache_and_kv_memory_are_reported(engine: Engine) -> None:
+    scheduler = Scheduler(engine, max_batch=2, prefix_cache_tokens=256)
+    shared = engine.encode_text("a system prompt that every request of this test starts with, " * 2)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    try:
+        texts = ["".join(c.text for c in scheduler.submit(shared + engine.encode_text(q), params)) for q in "ab"]
+    finally:
+        scheduler.close()
+    stats = scheduler.stats
+    assert stats.cache.lookups == 2 and stats.cache.hits == 1
+    assert stats.cache.reused_tokens == len(shared) // 16 * 16
+    assert stats.kv_used_bytes == 0 and 0 < stats.kv_cached_bytes <= stats.kv_bytes
+    assert texts == [engine.complete(shared + engine.encode_text(q), params).text for q in "ab"]
+
+
+def test_the_loop_computes_on_as_many_threads_as_its_creator(engine: Engine) -> None:
+    """OpenMP's thread count is per calling thread; the scheduler's own thread must get the creator's."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        scheduler = Scheduler(engine)
+        seen: list[int] = []
+        hook = engine.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        list(scheduler.submit(engine.encode_text("threads"), SamplingParams(max_new_tokens=2)))
+        scheduler.close()
+        hook.remove()
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {2}

@@ -23,6 +23,7 @@ halfway through one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -68,7 +69,10 @@ class _Route:
     that mixes them, (adapter id, row mask) pairs (`groups`). Neither set: the base model alone."""
 
     adapter: int | None = None
-    groups: tuple[tuple[int, Tensor], ...] = ()  # mask: (B, 1, 1) float32, 1 for the adapter's rows, else 0
+    groups: tuple[tuple[int, Tensor], ...] = ()  # mask: (B, 1, 1) bool, True for the adapter's rows
+    # The rows that reach the layers after the model keeps only some rows (its `logits_rows`): the output head
+    # sees fewer rows than the blocks, and picks its masks' rows with this.
+    rows: Tensor | None = None
 
 
 class AdapterLinear(nn.Module):
@@ -112,7 +116,11 @@ class AdapterLinear(nn.Module):
         for adapter, mask in route.groups:
             if (update := self.updates.get(adapter)) is not None:
                 a, bt = update
-                d = torch.matmul(torch.matmul(x.to(a.dtype), a.t()), bt) * mask  # (B, T, out), zero off its rows
+                if mask.shape[0] != x.shape[0] and route.rows is not None:
+                    mask = mask[route.rows]
+                d = torch.matmul(torch.matmul(x.to(a.dtype), a.t()), bt)  # (B, T, out)
+                # zero off its rows by selection, not by a product: a NaN or inf of one adapter stays in its rows
+                d = torch.where(mask, d, 0.0)
                 delta = d if delta is None else delta + d
         return y if delta is None else y + delta.to(y.dtype)
 
@@ -128,6 +136,8 @@ class AdapterSet:
         self._route = _Route()
         self._ids: dict[str, int] = {}
         self._info: dict[str, AdapterInfo] = {}
+        self._loads = itertools.count(1)
+        self.version = 0  # changes whenever an adapter is loaded or removed (caches of outputs check it)
         self._lock = threading.Lock()
 
     def __contains__(self, name: object) -> bool:
@@ -150,6 +160,12 @@ class AdapterSet:
         if name is not None:
             self.info(name)
 
+    def uid(self, name: str) -> int:
+        """A number for this load of adapter `name`, never given to another load (a new adapter under an old name
+        gets a new one): what caches of keys and values are keyed by."""
+        self.info(name)
+        return self._ids[name]
+
     # ---------------------------------------------------------------------------------------- loading
     def load(self, path: str | Path, name: str | None = None, reserved: Sequence[str] = ()) -> AdapterInfo:
         """Load the PEFT-format adapter in `path` under `name` (default: the dir's name, or its parent's name
@@ -170,7 +186,7 @@ class AdapterSet:
             for module, (a, b) in layers.items()
         }
         with self._lock:
-            adapter_id = max(self._ids.values(), default=-1) + 1
+            adapter_id = next(self._loads)  # never reused, so a removed adapter's rows cannot reach a new one
             for module, (a, bt) in updates.items():
                 self._wrapped(module).updates[adapter_id] = (a, bt)
             info = AdapterInfo(
@@ -179,7 +195,19 @@ class AdapterSet:
                 base_model=base_model,
             )  # fmt: skip
             self._ids[name], self._info[name] = adapter_id, info
+            self.version += 1
         return info
+
+    def unload(self, name: str) -> None:
+        """Remove adapter `name`: its updates leave every layer (under the lock, so never mid-forward). Sequences
+        still running with it end with an error at their next step; new ones cannot ask for it."""
+        with self._lock:
+            adapter_id = self._ids.pop(self.info(name).name)
+            del self._info[name]
+            for module in self.model.modules():
+                if isinstance(module, AdapterLinear):
+                    module.updates.pop(adapter_id, None)
+            self.version += 1
 
     def _check_fit(self, path: Path, tensors: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
         """Pair lora_A/lora_B by module and check each against the model's layer; all problems in one message."""
@@ -260,8 +288,9 @@ class AdapterSet:
 
     # ---------------------------------------------------------------------------------------- routing
     @contextmanager
-    def route(self, adapters: Sequence[str | None]) -> Iterator[None]:
-        """Within this block, row i of the model's input uses adapter `adapters[i]` (None: the base model).
+    def route(self, adapters: Sequence[str | None], rows: Tensor | None = None) -> Iterator[None]:
+        """Within this block, row i of the model's input uses adapter `adapters[i]` (None: the base model);
+        `rows` are the rows the model keeps for its output head, if it keeps only some (`logits_rows`).
 
         Holds the set's lock, so loading waits for the forward to finish (and the reverse).
         """
@@ -275,13 +304,14 @@ class AdapterSet:
             else:
                 device = self._device()
                 self._route.groups = tuple(
-                    (k, torch.tensor([float(i == k) for i in ids], device=device).view(-1, 1, 1))
+                    (k, torch.tensor([i == k for i in ids], device=device).view(-1, 1, 1))
                     for k in sorted({i for i in ids if i is not None})
                 )
+            self._route.rows = rows
             try:
                 yield
             finally:
-                self._route.adapter, self._route.groups = None, ()
+                self._route.adapter, self._route.groups, self._route.rows = None, (), None
 
 
 def parse_adapter_spec(spec: str) -> tuple[str | None, str]:

@@ -251,6 +251,8 @@ def serve(
     quantize: Literal["auto", "none", "int8", "int4"] | None = None,
     threads: int | None = None,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+    prefix_cache_tokens: int | None = None,
+    response_cache_size: int | None = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with stored conversations (and the web UI if installed).
 
@@ -270,13 +272,16 @@ def serve(
         quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
         log_level: uvicorn's log level.
+        prefix_cache_tokens: prompt positions whose keys/values stay cached after their requests (default 8192).
+        response_cache_size: deterministic replies kept for identical requests (default 0: off).
     """
     import uvicorn
 
     from mini_claude.server import create_app
 
     overrides = {"model": model, "host": host, "port": port, "database_url": database_url,
-                 "max_batch_size": max_batch_size, "adapters": adapter}  # fmt: skip
+                 "max_batch_size": max_batch_size, "adapters": adapter, "prefix_cache_tokens": prefix_cache_tokens,
+                 "response_cache_size": response_cache_size}  # fmt: skip
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     engine = load_engine(settings.model, settings, dtype, quantize, threads, adapters=settings.adapters)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:

@@ -21,7 +21,14 @@ import torch
 
 from mini_claude.adapters import AdapterInfo, AdapterSet, parse_adapter_spec
 from mini_claude.checkpoint import load_model
-from mini_claude.generate import BatchGenerator, ContextOverflowError, SamplingParams, SequenceState, TokenEvent
+from mini_claude.generate import (
+    BatchGenerator,
+    ContextOverflowError,
+    GenerationError,
+    SamplingParams,
+    SequenceState,
+    TokenEvent,
+)
 from mini_claude.model import Transformer
 from mini_claude.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -213,11 +220,12 @@ class Engine:
         seqs = [gen.new_sequence(ids, sp, adapter) for (ids, _), sp in zip(fitted, per_prompt, strict=True)]
         start = time.perf_counter()
         texts = {id(s): TextAssembler(self.tokenizer, i, stop, fitted[i][1], start) for i, s in enumerate(seqs)}
-        events = gen.add(seqs)
-        while events:
-            for ev in events:
+        gen.admit(seqs)
+        while gen.running:
+            for ev in gen.step():
+                if ev.finish_reason == "error":
+                    raise GenerationError(ev.seq.error)
                 yield texts[id(ev.seq)].on_event(ev, gen)
-            events = gen.step()
 
     def complete(
         self,

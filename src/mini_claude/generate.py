@@ -2,12 +2,14 @@
 
 The engine speaks token ids only; text (detokenization, stop strings) is the caller's layer (`engine.py`).
 
-`BatchGenerator` is the one loop everything uses. It owns a KV cache with `n_slots` rows; each sequence
-takes a free slot. `add()` prefills any number of new prompts of different lengths in a single forward
-(right-padded: a row's padding sits at positions no real token of that row will ever look at), and
-`step()` decodes one token for every running sequence in a single forward. Sequences finish on their own
-(end-of-sequence id, token budget, context window, or `cancel()`), free their slot, and new ones may join
-between steps, which is what a server needs for continuous batching.
+`BatchGenerator` is the one loop everything uses. Its KV cache is paged (`kv_cache.py`): each sequence
+takes a free slot and blocks as it grows, starts from the longest cached prefix of its prompt (the prefix
+cache), and gives its blocks back when it ends. `step()` runs one forward for every running sequence: the
+last sampled token of each decoding one and the next chunk of each prompt still to be prefilled, every token
+a row of its own (nothing padded), as llama-server mixes prompt tokens into its decode batches. Sequences
+finish on their own (end-of-sequence id, token budget, context window, `cancel()`, or an error of their own:
+a failing sampler, NaN logits, a removed adapter, which ends that sequence alone) and new ones join between
+steps, which is what a server needs for continuous batching.
 
 Sampling is per sequence with its own seeded `torch.Generator`, so a seed gives the same text whether the
 sequence runs alone or in a batch.
@@ -16,18 +18,23 @@ sequence runs alone or in a batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from mini_claude.kv_cache import BLOCK_SIZE, PagedKVCache
 from mini_claude.model import Transformer
 
 if TYPE_CHECKING:
     from mini_claude.adapters import AdapterSet
+
+
+PREFILL_CHUNK = 512  # prompt tokens per step at most: a long prompt never stalls the running sequences for long
 
 
 class ContextOverflowError(ValueError):
@@ -101,6 +108,9 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, h
     return int(torch.multinomial(processed.softmax(-1), 1, generator=generator))
 
 
+LogitsHook = Callable[["SequenceState", Tensor], Tensor]
+
+
 @dataclass
 class SequenceState:
     """One prompt being continued: its slot in the cache, what it produced, and why it stopped."""
@@ -111,8 +121,15 @@ class SequenceState:
     adapter: str | None = None  # a LoRA adapter of the generator's AdapterSet; None: the base model
     slot: int = -1
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (end of sequence or stop string), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (end of sequence or stop string), "length", "cancelled", "error"
+    error: str | None = None  # why, when finish_reason is "error"
     generator: torch.Generator = field(default_factory=torch.Generator)
+    # A per-sequence step of sampling: it gets this row's raw logits (V,) and returns the logits to sample from
+    # (a grammar's mask, logprobs). An exception in it ends this sequence alone with an error.
+    logits_hook: LogitsHook | None = None
+    n_computed: int = 0  # tokens whose keys and values are in the cache
+    n_cached: int = 0  # of the prompt, tokens reused from the prefix cache
+    namespace: bytes = b""  # what the prefix cache keys this sequence's blocks by (its adapter)
 
     @property
     def position(self) -> int:
@@ -123,26 +140,50 @@ class SequenceState:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def prefilling(self) -> bool:
+        """Whether some of the prompt still has to go through the model."""
+        return self.n_computed < len(self.prompt_ids)
+
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
 
 @dataclass
 class TokenEvent:
     """One sampled token of one sequence; `finish_reason` is set on a sequence's last event."""
 
     seq: SequenceState
-    token_id: int | None  # None when a sequence ends without a new token (e.g. cancelled)
+    token_id: int | None  # None when a sequence ends without a new token (cancelled, failed)
     finish_reason: str | None
 
 
+class GenerationError(RuntimeError):
+    """A sequence failed (its sampler raised, its logits were NaN, its adapter went away)."""
+
+
 class BatchGenerator:
-    """Runs many sequences through one model with one KV cache; see the module docstring."""
+    """Runs many sequences through one model with one paged KV cache; see the module docstring."""
 
     def __init__(
-        self, model: Transformer, n_slots: int = 1, stop_ids: Iterable[int] = (), adapters: AdapterSet | None = None
+        self,
+        model: Transformer,
+        n_slots: int = 1,
+        stop_ids: Iterable[int] = (),
+        adapters: AdapterSet | None = None,
+        prefix_cache_tokens: int = 0,
+        prefill_chunk: int = PREFILL_CHUNK,
+        block_size: int = BLOCK_SIZE,
     ) -> None:
         self.model = model
         self.adapters = adapters
         self.max_seq_len = model.config.max_seq_len
-        self.cache = model.new_cache(n_slots)
+        p = model.embed_tokens.weight
+        dtype = p.dtype if p.is_floating_point() else torch.float32
+        self.cache = PagedKVCache(
+            model.config, n_slots, dtype, p.device, block_size, prefix_cache_blocks=prefix_cache_tokens // block_size
+        )
+        self.prefill_chunk = prefill_chunk
         self.free_slots = list(range(n_slots))
         self.running: list[SequenceState] = []
         self.stop_ids = frozenset(stop_ids)
@@ -158,77 +199,111 @@ class BatchGenerator:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_seq_len:
             raise ContextOverflowError(len(prompt_ids), self.max_seq_len)
+        namespace = b""
         if adapter is not None:
             if self.adapters is None:
                 raise ValueError(f"adapter {adapter!r} requested, but this generator has no adapters")
             self.adapters.check(adapter)
+            namespace = self.adapters.uid(adapter).to_bytes(8, "little")
         stop_ids = frozenset() if params.ignore_eos else self.stop_ids
-        seq = SequenceState(list(prompt_ids), params, stop_ids, adapter)
+        seq = SequenceState(list(prompt_ids), params, stop_ids, adapter, namespace=namespace)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         seq.generator.manual_seed(seed)
         return seq
 
-    @torch.inference_mode()
-    def add(self, seqs: Sequence[SequenceState]) -> list[TokenEvent]:
-        """Prefill new sequences together and sample each one's first token."""
+    def admit(self, seqs: Sequence[SequenceState]) -> None:
+        """Give new sequences a slot and their cached prefix; their prompts go through the next steps."""
         if len(seqs) > self.n_free:
             raise RuntimeError(f"{len(seqs)} sequences but only {self.n_free} free slots")
-        if not seqs:
-            return []
-        lengths = [len(s.prompt_ids) for s in seqs]
-        longest = max(lengths)
-        device = self.model.embed_tokens.weight.device
-        idx = torch.zeros(len(seqs), longest, dtype=torch.long)
-        for row, s in enumerate(seqs):
-            idx[row, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+        for s in seqs:
             s.slot = self.free_slots.pop(0)
-        slots = torch.tensor([s.slot for s in seqs])
-        contiguous = slots.tolist() == list(range(len(seqs)))
-        positions = torch.arange(longest).expand(len(seqs), longest)
-        with self._routed(seqs):
-            logits = self.model(
-                idx.to(device),
-                positions=None if contiguous and len(seqs) == 1 else positions.to(device),
-                cache=self.cache,
-                slots=None if contiguous else slots.to(device),
-                logits_at=torch.tensor(lengths, device=device) - 1,
-            )[:, 0]  # (B, V)
-        self.running.extend(seqs)
-        return [self._accept(s, logits[row]) for row, s in enumerate(seqs)]
+            s.n_cached = s.n_computed = self.cache.start(s.slot, s.prompt_ids, s.namespace)
+            self.running.append(s)
+
+    def add(self, seqs: Sequence[SequenceState]) -> list[TokenEvent]:
+        """Admit new sequences and run one step (which prefills them, and advances the running ones)."""
+        self.admit(seqs)
+        return self.step()
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """Feed every running sequence its last token and sample the next: one forward for all of them."""
-        if not self.running:
-            return []
-        seqs = list(self.running)
+        """One forward for every running sequence: the last token of each decoding one, and the next chunk of
+        each prompt still being prefilled (up to `prefill_chunk` prompt tokens in all, oldest first). Every
+        token is a row of its own, so nothing is padded; a sequence gets a token when its row is the end of
+        what it has to feed."""
+        events = [self._fail(s, "its adapter was removed") for s in self._without_adapter()]
+        budget = self.prefill_chunk
+        feed: list[tuple[SequenceState, int]] = []  # (sequence, tokens fed this step)
+        for s in self.running:
+            if s.prefilling:
+                n = min(len(s.prompt_ids) - s.n_computed, budget)
+                if n <= 0:
+                    continue
+                budget -= n
+            else:
+                n = 1
+            feed.append((s, n))
+        if not feed:
+            return events
+        idx, positions, slots, wanted = [], [], [], []
+        for s, n in feed:
+            self.cache.extend(s.slot, s.n_computed + n)
+            tokens = s.tokens()
+            idx += tokens[s.n_computed : s.n_computed + n]
+            positions += range(s.n_computed, s.n_computed + n)
+            slots += [s.slot] * n
+            if s.n_computed + n == len(tokens):  # the end of what it has: its next token is sampled now
+                wanted.append(len(idx) - 1)
         device = self.model.embed_tokens.weight.device
-        idx = torch.tensor([[s.output_ids[-1]] for s in seqs], device=device)
-        positions = torch.tensor([[s.position] for s in seqs], device=device)
-        slots = [s.slot for s in seqs]
-        contiguous = slots == list(range(len(seqs)))
-        with self._routed(seqs):
-            logits = self.model(
-                idx,
-                positions=positions,
-                cache=self.cache,
-                slots=None if contiguous else torch.tensor(slots, device=device),
-            )[:, -1]  # (B, V)
-        return [self._accept(s, logits[row]) for row, s in enumerate(seqs)]
+        rows = torch.tensor(wanted, dtype=torch.long, device=device)
+        try:
+            with self._routed([s.adapter for s, n in feed for _ in range(n)], rows):
+                logits = self.model(
+                    torch.tensor(idx, device=device)[:, None],
+                    positions=torch.tensor(positions, device=device)[:, None],
+                    cache=self.cache,
+                    slots=torch.tensor(slots, device=device),
+                    logits_rows=rows,
+                )[:, -1]  # (K, V)
+        except ValueError:  # an adapter was removed after the check above (AdapterError): fail its rows, retry
+            if not self._without_adapter():
+                raise
+            return events + self.step()
+        sampled = []
+        for s, n in feed:
+            s.n_computed += n
+            self.cache.commit(s.slot, s.tokens(), s.n_computed, s.namespace)
+            if not s.prefilling:
+                sampled.append(s)
+        bad = logits.isnan().any(-1).tolist()  # one check for the batch; a NaN row fails its sequence alone
+        for row, s in enumerate(sampled):
+            events.append(self._fail(s, "the model produced NaN logits") if bad[row] else self._accept(s, logits[row]))
+        return events
 
-    def _routed(self, seqs: Sequence[SequenceState]) -> contextlib.AbstractContextManager[None]:
+    def _without_adapter(self) -> list[SequenceState]:
+        """Running sequences whose adapter is no longer loaded (removed while they ran)."""
+        if self.adapters is None:
+            return []
+        return [s for s in self.running if s.adapter is not None and s.adapter not in self.adapters]
+
+    def _routed(self, adapters: Sequence[str | None], rows: Tensor) -> contextlib.AbstractContextManager[None]:
         """Each row of the next forward uses its own sequence's adapter."""
         if self.adapters is None or not len(self.adapters):
             return contextlib.nullcontext()
-        return self.adapters.route([s.adapter for s in seqs])
+        return self.adapters.route(adapters, rows)
 
     def _accept(self, seq: SequenceState, logits: Tensor) -> TokenEvent:
-        if seq.params.ignore_eos and self.stop_ids:
-            logits = logits.index_fill(0, torch.tensor(sorted(self.stop_ids), device=logits.device), float("-inf"))
-        history = None
-        if seq.params.repetition_penalty != 1.0:
-            history = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device)
-        token = sample(logits, seq.params, seq.generator, history)
+        try:
+            if seq.params.ignore_eos and self.stop_ids:
+                logits = logits.index_fill(0, torch.tensor(sorted(self.stop_ids), device=logits.device), -math.inf)
+            if seq.logits_hook is not None:
+                logits = seq.logits_hook(seq, logits)
+            history = None
+            if seq.params.repetition_penalty != 1.0:
+                history = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device)
+            token = sample(logits, seq.params, seq.generator, history)
+        except Exception as exc:  # this sequence's sampling failed: it ends alone, the batch goes on
+            return self._fail(seq, f"sampling failed: {type(exc).__name__}: {exc}")
         seq.output_ids.append(token)
         if token in seq.stop_ids:
             self.finish(seq, "stop")
@@ -236,12 +311,18 @@ class BatchGenerator:
             self.finish(seq, "length")  # budget spent, or no room left to feed this token back
         return TokenEvent(seq, token, seq.finish_reason)
 
+    def _fail(self, seq: SequenceState, reason: str) -> TokenEvent:
+        seq.error = reason
+        self.finish(seq, "error")
+        return TokenEvent(seq, None, "error")
+
     def finish(self, seq: SequenceState, reason: str) -> None:
         """End a sequence (also from outside, e.g. a stop string or a disconnected client) and free its slot."""
         if seq.finish_reason is None:
             seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
+            self.cache.finish(seq.slot, keep=seq.finish_reason != "error")
             self.free_slots.append(seq.slot)
             self.free_slots.sort()
 
@@ -257,8 +338,9 @@ def generate_tokens(
     gen = BatchGenerator(model, n_slots=len(prompts), stop_ids=stop_ids)
     seqs = [gen.new_sequence(p, sp) for p, sp in zip(prompts, per_prompt, strict=True)]
     index = {id(s): i for i, s in enumerate(seqs)}
-    events = gen.add(seqs)
-    while events:
-        for ev in events:
+    gen.admit(seqs)
+    while gen.running:
+        for ev in gen.step():
+            if ev.finish_reason == "error":
+                raise GenerationError(ev.seq.error)
             yield index[id(ev.seq)], ev.token_id, ev.finish_reason  # type: ignore[misc]
-        events = gen.step()

@@ -14,6 +14,8 @@ This is the network that answers in `mini-claude chat`, not a simplified copy of
   owns a slot and writes its keys at its own positions, so sequences of different lengths decode together
   with no padding inside the cache: a key is visible to a query iff its position is <= the query's.
   That one rule is the causal mask, the batching mask and the "ignore stale slots" mask at once.
+  The cache object decides the layout: the serving loop passes a `kv_cache.PagedKVCache` (blocks, shared
+  prefixes) instead, which then computes each sequence's attention over its own blocks (`attend`).
 - Norms compute in float32 and cast back, as the reference implementations do, so bf16 weights stay stable.
 - The fast path (inference, our C++ kernels built: `kernels/`) runs the same modules with fewer, fatter ops:
   one fused matmul for q/k/v and one for gate/up when the weights are quantized (`quantize.fuse_projections`),
@@ -36,6 +38,13 @@ from mini_claude import kernels
 from mini_claude.config import ModelConfig
 
 FAST_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels compute on
+
+
+def _one_row_each(slots: Tensor | None) -> bool:
+    """Whether every row is a different sequence: a decode step. Rows sharing a slot are a prompt chunk (the
+    generator's one-token-per-row layout), which the cache attends over with SDPA, far cheaper than a
+    single-query kernel run once per prompt token."""
+    return slots is None or slots.numel() < 2 or int(slots.unique().numel()) == slots.numel()
 
 
 def fast_ops() -> ModuleType | None:
@@ -288,6 +297,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if ctx.cos is not None:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if getattr(ctx.cache, "paged", False):  # blocks (kv_cache.py): the cache attends over each sequence's own
+            y = ctx.cache.attend(self.layer_idx, q, k, v, ctx.positions, ctx.slots)  # type: ignore[union-attr]
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer_idx, k, v, ctx.positions, ctx.slots, ctx.n_keys)  # (B, nkv, S, hd)
         if self.record_weights:
@@ -422,6 +434,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         slots: Tensor | None = None,
         logits_at: Tensor | None = None,
+        logits_rows: Tensor | None = None,
     ) -> Tensor:
         """Logits for token ids `idx` (B, T).
 
@@ -431,9 +444,11 @@ class Transformer(nn.Module):
             slots: (B,) cache row of each sequence; default rows 0..B-1.
             logits_at: (B,) the one index per row whose logits are wanted (prefill needs only the last),
                 which skips the vocabulary projection for every other position.
+            logits_rows: (K,) only these rows' logits are wanted (a batch that mixes prefill chunks, one token
+                per row, with decode rows needs the last token of each chunk and every decode row).
 
         Returns:
-            (B, T, vocab_size) logits, or (B, 1, vocab_size) with `logits_at`.
+            (B, T, vocab_size) logits, or (B, 1, vocab_size) with `logits_at`; K rows with `logits_rows`.
         """
         B, T = idx.shape
         device = idx.device
@@ -448,9 +463,11 @@ class Transformer(nn.Module):
             if self.config.max_seq_len < T or int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"{T} tokens exceed the context window of {self.config.max_seq_len}")
         x = self.embed_tokens(idx)  # (B, T, dim)
-        if T == 1 and cache is not None and x.dtype in FAST_DTYPES and fast_ops() is not None:
-            return self._decode_step(x, positions, cache, slots)
-        is_causal, mask = self._mask(positions, n_keys, default_positions, with_cache=cache is not None)
+        if T == 1 and cache is not None and x.dtype in FAST_DTYPES and fast_ops() is not None and _one_row_each(slots):
+            return self._decode_step(x, positions, cache, slots, logits_rows)
+        is_causal, mask = False, None  # a paged cache masks each sequence itself
+        if not getattr(cache, "paged", False):
+            is_causal, mask = self._mask(positions, n_keys, default_positions, with_cache=cache is not None)
         cos = sin = None
         if self.config.positions == "rope":
             cos = self._table("cos", device)[positions][:, None].to(x.dtype)  # (B, 1, T, hd)
@@ -466,12 +483,17 @@ class Transformer(nn.Module):
         )  # fmt: skip
         for layer in self.layers:
             x = layer(x, ctx)
+        if logits_rows is not None:
+            x = x[logits_rows]  # (K, T, dim)
         if logits_at is not None:
-            x = x[torch.arange(B, device=device), logits_at][:, None]  # (B, 1, dim)
+            x = x[torch.arange(x.shape[0], device=device), logits_at][:, None]  # (B, 1, dim)
         return self.lm_head(self.norm(x))
 
-    def _decode_step(self, x: Tensor, positions: Tensor, cache: KVCache, slots: Tensor | None) -> Tensor:
-        """One new token per row (B, 1) through our decode kernels (see the module docstring)."""
+    def _decode_step(
+        self, x: Tensor, positions: Tensor, cache: KVCache, slots: Tensor | None, logits_rows: Tensor | None = None
+    ) -> Tensor:
+        """One new token per row (B, 1), each row its own sequence, through our decode kernels (see the module
+        docstring); `logits_rows` keeps only the rows whose logits are wanted."""
         B = x.shape[0]
         cos = sin = None
         if self.config.positions == "rope":
@@ -486,6 +508,8 @@ class Transformer(nn.Module):
         )  # fmt: skip
         for layer in self.layers:
             x = layer(x, ctx)
+        if logits_rows is not None:
+            x = x[logits_rows]  # (K, 1, dim)
         return self.lm_head(self.norm(x))
 
     @staticmethod

@@ -3,9 +3,13 @@
 A single background thread owns a `BatchGenerator` (the model is not thread-safe, and one forward for all
 running sequences is what makes concurrent decoding cheap). Callers on any thread or event loop `submit()`
 a prompt and get a `RequestHandle`, an iterator (sync or async) of the same `TextChunk`s `Engine.stream`
-produces. Between two decode steps the loop admits waiting requests into free cache slots (prefilling them
-together in one forward), applies cancellations, and hands each new token to its request's
-`TextAssembler`. A slow consumer never blocks the loop: chunks wait in its own queue.
+produces. Between two steps the loop admits waiting requests into free cache slots (their prompts start from
+the longest cached prefix and are prefilled in the same forwards as the running sequences' next tokens),
+applies cancellations, and hands each new token to its request's `TextAssembler`. A slow consumer never
+blocks the loop: chunks wait in its own queue, and a consumer that falls behind gets what is ready in one
+chunk (fewer, larger SSE events; no text is dropped or held back). A sequence that fails on its own (its
+sampler, NaN logits, a removed adapter) ends its request with an error; the others go on. With nothing to
+do, the loop sleeps on a condition variable until a request arrives: no polling.
 
 Nothing here knows about HTTP; the server's streaming routes, WebSocket and web UI all read handles.
 """
@@ -22,8 +26,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from mini_claude.engine import Engine, TextAssembler, TextChunk
 from mini_claude.generate import BatchGenerator, SamplingParams, SequenceState
+from mini_claude.kv_cache import CacheStats
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +78,27 @@ class RequestHandle:
     async def __aiter__(self) -> AsyncIterator[TextChunk]:
         if self._async is None:
             raise RuntimeError("this handle was submitted without an event loop: use `for`")
+        done = False
         try:
-            while (item := await self._async.get()) is not _DONE:
+            while not done and (item := await self._async.get()) is not _DONE:
+                while not self._async.empty():  # tokens that arrived meanwhile leave as one chunk
+                    more = self._async.get_nowait()
+                    if more is _DONE:
+                        done = True
+                        break
+                    item = _joined(item, more)  # type: ignore[arg-type]
                 yield item  # type: ignore[misc]
         finally:  # the consumer stopped early (client disconnected): stop generating for it
             if self.final is None:
                 self.cancel()
         if self.error:
             raise RuntimeError(self.error)
+
+
+def _joined(first: TextChunk, second: TextChunk) -> TextChunk:
+    """Two consecutive chunks of one sequence as one (the second may be its final chunk)."""
+    return TextChunk(first.index, first.text + second.text, first.token_ids + second.token_ids,
+                     second.finish_reason, second.completion)  # fmt: skip
 
 
 @dataclass
@@ -97,16 +117,25 @@ class SchedulerStats:
     running: int = 0
     finished: int = 0
     cancelled: int = 0
+    failed: int = 0  # sequences that ended with an error of their own (the rest of their batch went on)
     steps: int = 0
     tokens: int = 0
-    batch_sizes: dict[int, int] = field(default_factory=dict)  # decode batch size -> number of steps
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # sequences per step -> number of steps
+    cache: CacheStats = field(default_factory=CacheStats)  # the prefix cache's counters
+    kv_bytes: int = 0  # KV-cache memory resident now (blocks in use, cached or warm)
+    kv_used_bytes: int = 0  # of which, blocks that running sequences hold
+    kv_cached_bytes: int = 0  # of which, blocks kept only for the prefix cache
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 8) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 8, prefix_cache_tokens: int = 8192) -> None:
         self.engine = engine
         self.max_batch = max_batch
+        self.prefix_cache_tokens = prefix_cache_tokens
         self.stats = SchedulerStats()
+        # OpenMP keeps its thread count per calling thread: torch.set_num_threads in the thread that loaded the
+        # model does not reach this loop's own thread, which would then compute on one core. Carried over in _run.
+        self._threads = torch.get_num_threads()
         self._ids = itertools.count(1)
         self._pending: deque[_Pending] = deque()
         self._wake = threading.Condition()
@@ -151,6 +180,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ the loop (one thread)
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
         gen = self._generator()
         active: dict[int, tuple[SequenceState, RequestHandle, TextAssembler]] = {}
         while True:
@@ -169,31 +199,50 @@ class Scheduler:
                 self._cancel(gen, active)
                 new = []
                 for p in admitted:
-                    seq = gen.new_sequence(p.prompt_ids, p.params, p.adapter)
+                    try:
+                        seq = gen.new_sequence(p.prompt_ids, p.params, p.adapter)
+                    except ValueError as exc:  # e.g. its adapter was removed while it waited: this one alone fails
+                        self._fail(p.handle, str(exc))
+                        continue
                     text = TextAssembler(self.engine.tokenizer, 0, p.stop, p.truncated, p.handle.submitted_at)
                     active[id(seq)] = (seq, p.handle, text)
                     new.append(seq)
-                if new:
-                    self._dispatch(gen.add(new), gen, active)
+                gen.admit(new)
                 if gen.running:
                     self.stats.batch_sizes[len(gen.running)] = self.stats.batch_sizes.get(len(gen.running), 0) + 1
                     self._dispatch(gen.step(), gen, active)
                     self.stats.steps += 1
-            except Exception as exc:  # a bug or resource failure: fail these requests, keep serving others
+            except Exception as exc:  # a bug or resource failure of the whole step: fail its requests, go on
                 log.exception("generation failed")
                 for seq, handle, _ in active.values():
-                    handle.error = f"generation failed: {exc}"
-                    handle._put(_DONE)
+                    self._fail(handle, str(exc))
                     gen.finish(seq, "error")
                 active.clear()
                 gen = self._generator()
-            self.stats.running = len(gen.running)
+            self._observe(gen)
         for _seq, handle, _ in active.values():
             handle.error = "the server is shutting down"
             handle._put(_DONE)
 
     def _generator(self) -> BatchGenerator:
-        return BatchGenerator(self.engine.model, self.max_batch, self.engine.tokenizer.stop_ids, self.engine.adapters)
+        engine = self.engine
+        return BatchGenerator(
+            engine.model, self.max_batch, engine.tokenizer.stop_ids, engine.adapters, self.prefix_cache_tokens
+        )
+
+    def _observe(self, gen: BatchGenerator) -> None:
+        """Publish the loop's state for health checks and /metrics (read from other threads)."""
+        cache, stats = gen.cache, self.stats
+        stats.running = len(gen.running)
+        stats.cache = cache.stats
+        stats.kv_bytes = cache.resident_bytes
+        stats.kv_used_bytes = cache.used_blocks * cache.block_bytes
+        stats.kv_cached_bytes = cache.cached_blocks * cache.block_bytes
+
+    def _fail(self, handle: RequestHandle, reason: str) -> None:
+        handle.error = f"generation failed: {reason}"
+        handle._put(_DONE)
+        self.stats.failed += 1
 
     def _cancel(
         self, gen: BatchGenerator, active: dict[int, tuple[SequenceState, RequestHandle, TextAssembler]]
@@ -211,6 +260,11 @@ class Scheduler:
     def _dispatch(self, events: list, gen: BatchGenerator, active: dict) -> None:  # type: ignore[type-arg]
         for ev in events:
             seq, handle, text = active[id(ev.seq)]
+            if ev.finish_reason == "error":  # this sequence alone failed; the others of its step go on
+                log.warning("request %d failed: %s", handle.id, seq.error)
+                self._fail(handle, seq.error or "unknown error")
+                del active[id(seq)]
+                continue
             chunk = text.on_event(ev, gen)
             self.stats.tokens += 1
             handle._put(chunk)

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together by the scheduler.")
     ui: bool = Field(True, description="Mount the web UI at /ui (when its dependencies are installed).")
+    prefix_cache_tokens: int = Field(
+        8192, ge=0, description="Prompt positions whose keys/values stay cached for reuse after their requests end."
+    )
+    response_cache_size: int = Field(
+        0, ge=0, description="Deterministic replies (temperature 0 or a seed) kept for identical requests; 0: off."
+    )
     # NoDecode: a comma-separated list like api_keys ("support=runs/a/adapter,runs/b/adapter").
     adapters: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -24,11 +24,14 @@ model runs PyTorch's own kernels.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -61,7 +64,9 @@ def build_dir() -> Path:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update((CSRC / name).read_bytes())
-    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], _cpu_features())).encode())
+    # sys.prefix: each virtual environment gets its own build, so two checkouts never share a half-written one.
+    identity = (CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.prefix, _cpu_features())
+    h.update(repr(identity).encode())
     root = Path(os.environ.get("MINI_CLAUDE_KERNELS_DIR", Path.home() / ".cache" / "mini-claude" / "kernels"))
     return root / h.hexdigest()[:16]
 
@@ -80,20 +85,38 @@ def load(verbose: bool = False) -> ModuleType | None:
 
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        _ext = load_extension(
-            name=NAME,
-            sources=[str(CSRC / s) for s in SOURCES],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(directory),
-            verbose=verbose,
-        )
+        with _build_lock(directory):
+            _ext = load_extension(
+                name=NAME,
+                sources=[str(CSRC / s) for s in SOURCES],
+                extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(directory),
+                verbose=verbose,
+            )
         _register_fakes()
     except Exception as exc:  # no compiler, no ninja, a failed build: run PyTorch's kernels instead
         _ext = None
         _reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         warnings.warn(f"mini-claude kernels unavailable ({_reason}); using PyTorch's kernels", stacklevel=2)
     return _ext
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Serialise builds of one directory with a kernel-held lock, which dies with its process.
+
+    torch's own guard is a `lock` file that a build creates and deletes; a build killed in between leaves it
+    behind, and every later build then waits for it forever (a CI run hung here). Holding an flock on our
+    own file, no other build of this directory is running, so a `lock` file found now is stale: remove it.
+    """
+    with open(directory / ".flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def available() -> bool:

@@ -25,10 +25,9 @@ from pydantic import ValidationError
 
 from mini_claude.chat.memory import ConversationMemory
 from mini_claude.engine import Completion
-from mini_claude.scheduler import RequestHandle
 from mini_claude.server.conversations import History, not_found
 from mini_claude.server.errors import APIError, generation_failed, invalid, validation_error
-from mini_claude.server.generation import DONE, EventStream, Job, sse, usage_of
+from mini_claude.server.generation import DONE, EventStream, Handle, Job, sse, usage_of
 from mini_claude.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -217,7 +216,7 @@ class ChatCompletions:
             )
         return job
 
-    async def _events(self, job: Job, handles: list[RequestHandle], include_usage: bool) -> AsyncIterator[str]:
+    async def _events(self, job: Job, handles: list[Handle], include_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[ChatChunkChoice], usage: Any = None) -> str:
             return sse(ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=choices,
                                            usage=usage, conversation_id=job.conversation_id))  # fmt: skip

@@ -12,9 +12,8 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from mini_claude.engine import Completion
-from mini_claude.scheduler import RequestHandle
 from mini_claude.server.errors import generation_failed, invalid
-from mini_claude.server.generation import DONE, EventStream, Job, sse, usage_of
+from mini_claude.server.generation import DONE, EventStream, Handle, Job, sse, usage_of
 from mini_claude.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, new_id
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ class TextCompletions:
             id=job.id, created=job.created, model=job.model, choices=choices, usage=usage_of(job, finals)
         )
 
-    async def _events(self, job: Job, handles: list[RequestHandle], include_usage: bool) -> AsyncIterator[str]:
+    async def _events(self, job: Job, handles: list[Handle], include_usage: bool) -> AsyncIterator[str]:
         def chunk(choices: list[CompletionChoice], usage: Any = None) -> str:
             return sse(
                 CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices, usage=usage)

@@ -12,13 +12,15 @@ Design choices:
   is a 400 `context_length_exceeded` (`budget`).
 - A store that must happen while the request is being cancelled (the partial reply) is shielded from that
   cancellation.
+- Deterministic jobs may be answered from the response cache (`response_cache.py`, opt-in): `submit` then
+  returns `CachedReply`s, which `generate` reads exactly like live handles, so the rest of the path is the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Hashable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,7 @@ from mini_claude.generate import SamplingParams
 from mini_claude.scheduler import RequestHandle
 from mini_claude.server.errors import APIError, generation_failed, invalid
 from mini_claude.server.protocol import Usage, now
+from mini_claude.server.response_cache import CachedReply
 
 if TYPE_CHECKING:
     from mini_claude.server.service import ChatService
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DONE = "data: [DONE]\n\n"
+Handle = RequestHandle | CachedReply  # a live generation, or a cached answer read the same way
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Job:
     key: str | None = None  # idempotency key of this request's messages: `{key}:{i}`, `{key}:reply`
     replay: Completion | None = None  # the reply stored by an earlier attempt of this same request
     adapter: str | None = None  # the LoRA adapter the model id names; None for the base model
+    cache_key: Hashable | None = None  # set when the answer, once finished, goes into the response cache
 
 
 @dataclass
@@ -66,7 +71,7 @@ class EventStream:
     """
 
     events: AsyncIterator[str]
-    handles: list[RequestHandle]
+    handles: Sequence[Handle]
     conversation_id: str | None = None
 
     async def aclose(self) -> None:
@@ -83,7 +88,7 @@ def usage_of(job: Job, finals: dict[int, Completion]) -> Usage:
     return Usage.of(job.prompt_tokens, sum(c.completion_tokens for c in finals.values()))
 
 
-async def merge(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, TextChunk]]:
+async def merge(handles: Sequence[Handle]) -> AsyncIterator[tuple[int, TextChunk]]:
     """(choice index, chunk) from several handles as they arrive; one handle is read directly."""
     if len(handles) == 1:
         async for chunk in handles[0]:
@@ -91,7 +96,7 @@ async def merge(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, Te
         return
     queue: asyncio.Queue[tuple[int, TextChunk | BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, handle: RequestHandle) -> None:
+    async def pump(i: int, handle: Handle) -> None:
         try:
             async for chunk in handle:
                 queue.put_nowait((i, chunk))
@@ -143,10 +148,18 @@ class Generation:
         except ValueError as exc:  # the protocol's ranges are tighter, so this means a bug, but stay a 400
             raise invalid(str(exc)) from None
 
-    def submit(self, job: Job) -> list[RequestHandle]:
-        _, scheduler, _ = self.service.ready()
+    def submit(self, job: Job) -> list[Handle]:
+        """Start a job's sequences (or find its answer in the response cache); read them with `generate`."""
+        engine, scheduler, _ = self.service.ready()
+        responses = self.service.responses
+        key = responses.key(engine.adapters.version, job.model, job.prompts, job.params, job.stop)
+        if key is not None and job.replay is None:
+            cached = responses.get(key)
+            if cached is not None:
+                return list(cached)
+            job.cache_key = key
         loop = asyncio.get_running_loop()
-        handles: list[RequestHandle] = []
+        handles: list[Handle] = []
         try:
             for prompt, params in zip(job.prompts, job.params, strict=True):
                 handles.append(scheduler.submit(prompt, params, job.stop, loop=loop, adapter=job.adapter))
@@ -160,7 +173,7 @@ class Generation:
             raise
         return handles
 
-    async def generate(self, job: Job, handles: list[RequestHandle]) -> AsyncIterator[tuple[int, TextChunk]]:
+    async def generate(self, job: Job, handles: Sequence[Handle]) -> AsyncIterator[tuple[int, TextChunk]]:
         """(choice, chunk) until every sequence finishes; then store the reply. Closing early cancels.
 
         Raises:
@@ -172,16 +185,21 @@ class Generation:
             return
         metrics, store = self.service.metrics, self.service.conversations
         texts: list[list[str]] = [[] for _ in handles]
+        chunks: list[list[TextChunk]] = [[] for _ in handles]
         finals: dict[int, Completion] = {}
         outcome = "cancelled"
         try:
             async for i, chunk in merge(handles):
                 texts[i].append(chunk.text)
+                if job.cache_key is not None:
+                    chunks[i].append(chunk)
                 if chunk.completion is not None:
                     finals[i] = chunk.completion
                     metrics.observe_completion(chunk.completion)
                 yield i, chunk
             outcome = "finished"
+            if job.cache_key is not None:
+                self.service.responses.put(job.cache_key, chunks)
         except RuntimeError:
             outcome = "failed"
             metrics.observe_error("generation_failed")
@@ -202,7 +220,7 @@ class Generation:
         if job.conversation_id is not None:
             await self.service.db_call(store.store_reply, job, finals[0].text, finals[0])
 
-    async def collect(self, job: Job, handles: list[RequestHandle]) -> dict[int, Completion]:
+    async def collect(self, job: Job, handles: Sequence[Handle]) -> dict[int, Completion]:
         """Run a job to the end (non-streaming responses): the final `Completion` of each choice."""
         finals: dict[int, Completion] = {}
         try:

@@ -8,19 +8,25 @@ Design choices:
   paths share one label, so a scanner cannot blow up the number of time series.
 - Generation numbers come from each finished sequence's `Completion` (time to first token, decode rate,
   token counts), the same numbers the CLI's `--json` prints. Scheduler gauges are read at scrape time.
+- The prefix cache, KV-cache memory and the response cache keep their own counters (the scheduler thread
+  updates them between steps); a collector reads them at scrape time instead of copying them on every step.
 - Nothing here knows FastAPI: the app's middleware calls `observe_request`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mini_claude.engine import Completion
+
+if TYPE_CHECKING:
+    from mini_claude.scheduler import SchedulerStats
+    from mini_claude.server.response_cache import ResponseCacheStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
@@ -95,6 +101,10 @@ class Metrics:
         )
         self._audio_cache_watched = False
 
+    def watch_cache(self, scheduler: Callable[[], SchedulerStats], responses: Callable[[], ResponseCacheStats]) -> None:
+        """Report the prefix cache, KV-cache memory and the response cache from their own counters at scrape time."""
+        self.registry.register(_CacheCollector(scheduler, responses))
+
     def watch_scheduler(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Read the scheduler's queue depth and batch size whenever /metrics is scraped."""
         self.queue_depth.set_function(waiting)
@@ -143,3 +153,36 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _CacheCollector:
+    """Counters that the scheduler thread and the response cache keep themselves, exposed as they stand."""
+
+    def __init__(self, scheduler: Callable[[], SchedulerStats], responses: Callable[[], ResponseCacheStats]) -> None:
+        self.scheduler, self.responses = scheduler, responses
+
+    def collect(self) -> Iterator[Metric]:
+        s, r = self.scheduler(), self.responses()
+        c = s.cache
+        counters = [
+            ("prefix_cache_lookups", "Prompts looked up in the prefix cache.", c.lookups),
+            ("prefix_cache_hits", "Prompts that reused cached keys/values of a prefix.", c.hits),
+            ("prefix_cache_reused_tokens", "Prompt tokens whose keys/values came from the prefix cache.",
+             c.reused_tokens),
+            ("prefix_cache_lookup_tokens", "Prompt tokens looked up in the prefix cache.", c.prompt_tokens),
+            ("prefix_cache_evicted_blocks", "Cached KV blocks evicted (least recently used first).", c.evicted_blocks),
+            ("sequences_failed", "Sequences that ended with an error of their own (the batch went on).", s.failed),
+            ("response_cache_hits", "Requests answered from the response cache.", r.hits),
+            ("response_cache_misses", "Cacheable requests the response cache did not hold.", r.misses),
+        ]  # fmt: skip
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"mini_claude_{name}", doc, value=value)
+        gauges = [
+            ("kv_cache_bytes", "KV-cache memory resident: blocks in use, cached, or free and not yet returned.",
+             s.kv_bytes),
+            ("kv_cache_used_bytes", "KV-cache memory of blocks running sequences hold.", s.kv_used_bytes),
+            ("kv_cache_cached_bytes", "KV-cache memory of blocks kept only for the prefix cache.", s.kv_cached_bytes),
+            ("response_cache_entries", "Answers held by the response cache.", r.entries),
+        ]  # fmt: skip
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"mini_claude_{name}", doc, value=value)

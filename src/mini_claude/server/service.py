@@ -40,6 +40,7 @@ from mini_claude.server.generation import Generation
 from mini_claude.server.metrics import Metrics
 from mini_claude.server.models import ModelRegistry
 from mini_claude.server.protocol import HealthResponse, ModelCard
+from mini_claude.server.response_cache import ResponseCache
 from mini_claude.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class ChatService:
         self.started_at = time.monotonic()
         self.models = ModelRegistry(self)
         self.conversations = ConversationStore(self)
+        self.responses = ResponseCache(self.settings.response_cache_size)
         self.generation = Generation(self)
         self.chat = ChatCompletions(self)
         self.completions = TextCompletions(self)
@@ -64,9 +66,10 @@ class ChatService:
 
     def start(self, engine: Engine, db: Database, scheduler: Scheduler | None = None) -> None:
         self.engine, self.db = engine, db
-        self.scheduler = scheduler or Scheduler(engine, self.settings.max_batch_size)
+        self.scheduler = scheduler or Scheduler(engine, self.settings.max_batch_size, self.settings.prefix_cache_tokens)
         sched = self.scheduler
         self.metrics.watch_scheduler(lambda: sched.stats.waiting, lambda: sched.stats.running)
+        self.metrics.watch_cache(lambda: sched.stats, lambda: self.responses.stats)
         self.started_at = time.monotonic()
 
     def stop(self) -> None:
