@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from mini_claude import kernels
 
@@ -48,7 +51,14 @@ def test_the_lock_excludes_a_second_builder_and_dies_with_its_holder(tmp_path: P
         holder.kill()
 
 
-def test_each_environment_builds_in_its_own_directory(monkeypatch) -> None:
+def test_each_environment_and_checkout_builds_in_its_own_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     here = kernels.build_dir()
     monkeypatch.setattr(sys, "prefix", sys.prefix + "-another-venv")
+    assert kernels.build_dir() != here
+    monkeypatch.undo()
+    # the same sources in another checkout: torch's build.ninja would name other paths, so another directory
+    shutil.copytree(kernels.CSRC, tmp_path / "csrc")
+    monkeypatch.setattr(kernels, "CSRC", tmp_path / "csrc")
     assert kernels.build_dir() != here

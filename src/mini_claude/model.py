@@ -6,7 +6,7 @@ This is the network that answers in `mini-claude chat`, not a simplified copy of
 - Grouped-query attention (Ainslie et al., 2023): `n_kv_head` key/value heads are shared by
   `n_head // n_kv_head` query heads each; `n_kv_head == n_head` is ordinary multi-head attention.
 - Rotary position embeddings (Su et al., 2021) in Hugging Face's "rotate half" layout. GGUF stores Llama's
-  q/k rows interleaved instead; `checkpoint.py` undoes that once at load time, so there is one RoPE here.
+  q/k rows interleaved instead; `checkpoint/gguf.py` undoes that once at load time, so there is one RoPE here.
 - Two attention paths that agree (a test proves it): `attention()` spells out softmax(QK^T/sqrt(d) + mask)V
   and can return its weights for study; the default path calls `F.scaled_dot_product_attention`, which fuses
   the same computation.

@@ -39,7 +39,15 @@ from mini_claude import kernels
 from mini_claude.config import ModelConfig
 
 GROUP_SIZE = 32
-DENSE_ROWS = 8  # above this many input rows, a dense bf16 matmul beats the int4 kernel on CPU
+DENSE_ROWS = 8  # above this many input rows, a dense matmul beats the int4 kernel on CPU
+
+
+def dense_dtype() -> torch.dtype:
+    """The dtype of an int4 layer's dense prefill copy: bf16 where the CPU multiplies it natively, else float32
+    (emulated bf16 matmuls would make prefill slower than the int4 kernel itself)."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 QUANT_MODES = ("none", "int8", "int4")
 
 
@@ -296,7 +304,7 @@ class Int4Linear(_LowBitLinear):
         N, K = blocks.q.shape
         self.in_features, self.out_features = K, N
         self.group_size = K // blocks.scales.shape[1]
-        self.dense = None if dense is None else dense.detach().to(torch.bfloat16)
+        self.dense = None if dense is None else dense.detach().to(dense_dtype())
         self.kernel = kernels.load() is not None and self.group_size == GROUP_SIZE
         if self.kernel:
             self._set_packed(pack_int4(blocks), bias)
@@ -315,8 +323,8 @@ class Int4Linear(_LowBitLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dense is not None and x.numel() > DENSE_ROWS * self.in_features:
-            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-            return F.linear(x.to(torch.bfloat16), self.dense, bias).to(x.dtype)
+            bias = None if self.bias is None else self.bias.to(self.dense.dtype)
+            return F.linear(x.to(self.dense.dtype), self.dense, bias).to(x.dtype)
         if self.kernel:
             ops = kernels.load()
             return ops.q4_linear(x, self.qweight, self.scales, self.mins, self.bias, self.out_features, False)  # type: ignore[union-attr]

@@ -1,8 +1,8 @@
 // Shared declarations of Mini-Claude's CPU kernels (see mini_claude/kernels/__init__.py for the design).
 //
-// Every kernel has two implementations of the same arithmetic: an AVX-512 one, compiled when the build
-// machine has AVX-512 F/BW/VL (the extension is built with -march=native on the machine that runs it), and a
-// portable C++ one. `set_portable(true)` forces the portable one at run time, so tests can compare the two on
+// Every kernel has two implementations of the same arithmetic: a vector one, compiled for the build machine
+// (the extension is built with -march=native on the machine that runs it): AVX-512 F/BW/VL where it exists,
+// else AVX2 + FMA for the low-bit linear layers; and a portable C++ one. `set_portable(true)` forces the portable one at run time, so tests can compare the two on
 // any CPU. Integer parts are exact in both; float sums may differ in their order (a few ulps).
 #pragma once
 
@@ -16,6 +16,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MC_AVX512 1
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// Most x86-64 CPUs without AVX-512 (Zen 1-3, client Intel): the low-bit kernels' integer dot products map to
+// vpmaddwd on 256-bit vectors, the same exact int16 x int16 -> int32 pair sums that vpdpwssd computes.
+#define MC_AVX2 1
+#include <immintrin.h>
 #endif
 
 namespace mini_claude {
@@ -26,7 +31,7 @@ void parallel_for(int64_t n, int64_t chunk, const std::function<void(int64_t, in
 
 bool portable();
 void set_portable(bool on);
-std::string isa();  // which implementation runs: "avx512-vnni", "avx512" or "portable"
+std::string isa();  // which implementation runs: "avx512-vnni", "avx512", "avx2" or "portable"
 
 // Low-bit linear layers (lowbit.cpp). Weights are packed by quantize.py into tiles of 4 output rows, pairs of
 // 32-weight blocks along the input dimension; see pack_int4 / pack_int8 there for the exact layout.

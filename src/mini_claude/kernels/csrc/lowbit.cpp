@@ -185,6 +185,30 @@ inline float min_dot(const void* mins, bool f16, const float* xs, int64_t G) {
 }
 #endif
 
+#ifdef MC_AVX2
+// [d0, d1, d0, d1, ...] (8 lanes) from the two scales of one row of a pair.
+inline __m256 pair_scales8(const void* s, bool f16, int64_t i) {
+  if (f16) {
+    int32_t bits;
+    std::memcpy(&bits, static_cast<const uint16_t*>(s) + i, 4);
+    return _mm256_cvtph_ps(_mm_set1_epi32(bits));
+  }
+  double bits;
+  std::memcpy(&bits, static_cast<const float*>(s) + i, 8);
+  return _mm256_castpd_ps(_mm256_set1_pd(bits));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256i load16i(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i widen_u8(const uint8_t* p) { return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256i widen_i8(const uint8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
 // ---------------------------------------------------------------------------------------- the tile kernels
 
 struct Weights {
@@ -245,6 +269,54 @@ void tile_avx512_or_portable(const Weights& w, int64_t tile, const Activations& 
         }
         out[m][r] = total * a.scales[m0 + m];
       }
+    return;
+  }
+#endif
+#ifdef MC_AVX2
+  if (!g_portable) {
+    // A 256-bit vector holds 16 of a pair half's 32 int16 lanes. int32 lane l of vpmaddwd sums slots 2l, 2l+1,
+    // which belong to block l % 2 in both 16-lane halves and in both nibble halves (see pair_slot), so the four
+    // products of a pair add up exactly in int32 (at most 4 * 2 * 127 * 32767 < 2^31) before one scaled
+    // float multiply-add per lane.
+    __m256 acc[MB][kTile];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < kTile; ++r) acc[m][r] = _mm256_setzero_ps();
+    const __m256i nibble = _mm256_set1_epi16(0x0F);
+    for (int64_t p = 0; p < P; ++p) {
+      const uint8_t* qp = qw + p * kTile * bytes;
+      for (int r = 0; r < kTile; ++r) {
+        __m256i lo[2], hi[2];
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (Q4) {
+            const __m256i w16 = widen_u8(qp + r * 32 + 16 * h);
+            lo[h] = _mm256_and_si256(w16, nibble);
+            hi[h] = _mm256_srli_epi16(w16, 4);
+          } else {
+            lo[h] = widen_i8(qp + r * 64 + 16 * h);
+            hi[h] = widen_i8(qp + r * 64 + 32 + 16 * h);
+          }
+        }
+        const __m256 s = pair_scales8(w.scales, w.f16, s_off + (p * kTile + r) * 2);
+        for (int m = 0; m < MB; ++m) {
+          const int16_t* xp = a.q.data() + (m0 + m) * P * 64 + p * 64;
+          __m256i d = _mm256_madd_epi16(lo[0], load16i(xp));
+          d = _mm256_add_epi32(d, _mm256_madd_epi16(lo[1], load16i(xp + 16)));
+          d = _mm256_add_epi32(d, _mm256_madd_epi16(hi[0], load16i(xp + 32)));
+          d = _mm256_add_epi32(d, _mm256_madd_epi16(hi[1], load16i(xp + 48)));
+          acc[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[m][r]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const float* xs = a.sums.data() + (m0 + m) * G;
+      for (int r = 0; r < kTile; ++r) {
+        float total = hsum8(acc[m][r]);
+        if constexpr (Q4) {
+          for (int64_t g = 0; g < G; ++g) total += scale_at(w.mins, w.f16, tile * w.m_stride + r * G + g) * xs[g];
+        }
+        out[m][r] = total * a.scales[m0 + m];
+      }
+    }
     return;
   }
 #endif
@@ -381,6 +453,9 @@ at::Tensor lowbit_linear(const at::Tensor& x_in, const at::Tensor& qweight, cons
 bool portable() { return g_portable; }
 void set_portable(bool on) { g_portable = on; }
 std::string isa() {
+#ifdef MC_AVX2
+  if (!g_portable) return "avx2";
+#endif
 #ifdef MC_AVX512
   if (!g_portable) {
 #if defined(__AVX512VNNI__)
