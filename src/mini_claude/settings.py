@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="If set, every route but /health needs `Authorization: Bearer <one of these>`.",
     )
+    max_request_bytes: int = Field(
+        8 * 2**20, ge=1, description="Largest request body accepted; a larger one is a 413 before it is parsed."
+    )
+    job_lease_s: float = Field(
+        30.0, gt=0, description="A running fine-tune job whose runner sent no heartbeat for this long is taken over."
+    )
     host: str = "127.0.0.1"  # loopback: exposing the server is a decision, not a default
     port: int = Field(8000, ge=0, le=65535)
     max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together by the scheduler.")
