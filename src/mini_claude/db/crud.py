@@ -241,6 +241,16 @@ def get_message_by_key(session: Session, conversation_id: str, idempotency_key: 
     return session.scalars(query).one_or_none()
 
 
+def delete_message_by_key(session: Session, conversation_id: str, idempotency_key: str) -> bool:
+    """Delete the message stored under this key (e.g. a partial reply superseded by a full one); False if absent."""
+    deleted = session.execute(
+        delete(Message)
+        .where(Message.conversation_id == conversation_id, Message.idempotency_key == idempotency_key)
+        .execution_options(synchronize_session="evaluate")
+    )
+    return deleted.rowcount > 0  # type: ignore[attr-defined]
+
+
 def list_messages(
     session: Session, conversation_id: str, *, limit: int | None = None, offset: int = 0
 ) -> list[Message]:
