@@ -643,3 +643,28 @@ def test_db_package_imports_nothing_else_of_mini_claude() -> None:
             else:
                 continue
             assert not [name for name in names if name.split(".")[0] == "mini_claude"], source.name
+
+
+def test_a_worker_opening_a_fresh_sqlite_file_while_another_writes_it_waits(tmp_path: Path) -> None:
+    """The intermittent 'database is locked' while workers created the schema: switching a fresh file to WAL
+    meets another worker's lock, and SQLite refuses that switch at once instead of waiting its busy timeout."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "fresh.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # still a rollback journal
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE other_worker (x)")
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    start = time.monotonic()
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        assert init_db(engine)[-1] == head_revision()  # waited for the lock instead of failing
+        assert time.monotonic() - start >= 0.4
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        release.join()
+        engine.dispose()
+        other.close()
