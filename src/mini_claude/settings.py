@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # NoDecode: the variable is a plain comma-separated list ("key1,key2"), not JSON; see `_split_keys`.
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="If set, every route but /health needs `Authorization: Bearer <one of these>`.",
+        description="If set, every route but /health (docs, UI too) needs `Authorization: Bearer <one of these>`.",
     )
     max_request_bytes: int = Field(
         8 * 2**20, ge=1, description="Largest request body accepted; a larger one is a 413 before it is parsed."

@@ -584,7 +584,11 @@ def test_text_columns_store_nul_as_replacement_on_every_backend(engine: Engine) 
         crud.update_fine_tune_job(session, job.id, status="failed", error="log tail \x00\x00")
     with session_scope(engine) as session:
         stored = crud.get_conversation(session, conversation.id)
-        assert stored is not None and (stored.title, stored.model, stored.system_prompt) == ("t\ufffd", "m\ufffd", "s\ufffd")
+        assert stored is not None and (stored.title, stored.model, stored.system_prompt) == (
+            "t\ufffd",
+            "m\ufffd",
+            "s\ufffd",
+        )
         message = crud.list_messages(session, conversation.id)[0]
         assert (message.content, message.finish_reason, message.model) == ("c\ufffd", "f\ufffd", "m\ufffd")
         assert crud.get_fine_tune_job(session, job.id).error == "log tail \ufffd\ufffd"  # type: ignore[union-attr]

@@ -219,7 +219,9 @@ def test_two_replicas_share_conversations_and_take_over_a_dead_runner_s_job(
     conversation_id = started["conversation_id"]
     continued = httpx.post(b.url + CHAT, json={"messages": [{"role": "user", "content": "on b"}], "max_tokens": 3,
                                                "conversation_id": conversation_id}, timeout=120)  # fmt: skip
-    assert continued.status_code == 200 and continued.json()["usage"]["prompt_tokens"] > started["usage"]["prompt_tokens"]
+    assert (
+        continued.status_code == 200 and continued.json()["usage"]["prompt_tokens"] > started["usage"]["prompt_tokens"]
+    )
     detail = httpx.get(f"{b.url}/v1/conversations/{conversation_id}").json()
     assert [m["content"] for m in detail["messages"] if m["role"] == "user"] == ["on a", "on b"]
 

@@ -17,9 +17,8 @@ Design choices:
 
 from __future__ import annotations
 
-from typing import Any
-
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import and_, delete, func, inspect, or_, select, update
 from sqlalchemy.orm import Session

@@ -332,7 +332,12 @@ class FineTuneRunner:
                 error = f"trained, but the adapter could not be served: {exc}"
         with session_scope(self.db) as s:
             crud.update_fine_tune_job(
-                s, job_id, status="failed" if error else "succeeded", progress=1.0, result=result, error=error,
+                s,
+                job_id,
+                status="failed" if error else "succeeded",
+                progress=1.0,
+                result=result,
+                error=error,
                 owner=self.owner,
             )
 
