@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -133,3 +134,11 @@ def test_with_api_keys_the_docs_need_one_too(make_client: Callable[..., TestClie
     assert client.get("/health").status_code == 200  # the one open route, for probes
     open_client = make_client()
     assert open_client.get("/openapi.json").status_code == 200  # no keys configured: nothing to guard
+
+
+def test_a_client_waiting_for_100_continue_is_refused_before_uploading(server: Any) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 20000000\r\nExpect: 100-continue\r\n\r\n")  # fmt: skip
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 413"), answer  # no "100 Continue": the body is never sent

@@ -11,7 +11,8 @@ FastAPI, so no route can forget it:
   nothing extra: every JSON route reads the whole body before parsing it anyway.
 - A refused body is read to its end and thrown away (in constant memory, for at most `DRAIN_S`) before the
   413 is sent. Answering while the client is still uploading would make most clients see a reset
-  connection instead of the error.
+  connection instead of the error. A client that sent `Expect: 100-continue` has not uploaded yet: it gets
+  the 413 at once.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None:
             if declared.strip().isdigit() and int(declared) > self.max_bytes:
-                await self._refuse(receive, send, more=True)
+                # A client that waits for `100 Continue` has sent nothing yet: it gets the 413 instead, no upload.
+                await self._refuse(receive, send, more=headers.get(b"expect", b"").lower() != b"100-continue")
             else:
                 await self.app(scope, receive, send)
             return
