@@ -258,3 +258,44 @@ def test_a_request_whose_adapter_is_removed_fails_alone_in_the_scheduler(tiny: d
     finally:
         scheduler.close()
     assert scheduler.stats.failed == 1
+
+
+def test_a_failing_sampler_and_nan_logits_end_their_requests_alone_in_the_scheduler(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the scheduler's loop, as the server runs it: each failing request gets its own error; the healthy
+    one beside them gets exactly what it gets alone."""
+    engine = engine_with_adapters(tiny)
+    engine.load_adapter(nan_adapter(tiny, tmp_path / "broken"), "broken")
+    long = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    healthy, flaky = [5, 9, 200, 17], [7, 7, 7]
+    expected = engine.complete(healthy, long).completion_ids
+    new_sequence = BatchGenerator.new_sequence
+
+    def with_flaky_sampler(self: BatchGenerator, prompt_ids: list[int], *args: object, **kwargs: object) -> object:
+        seq = new_sequence(self, prompt_ids, *args, **kwargs)  # type: ignore[arg-type]
+        if list(prompt_ids) == flaky:
+            calls = iter(range(1000))
+
+            def hook(s: object, logits: torch.Tensor) -> torch.Tensor:
+                if next(calls) == 4:
+                    raise ValueError("grammar has no allowed token")
+                return logits
+
+            seq.logits_hook = hook
+        return seq
+
+    monkeypatch.setattr(BatchGenerator, "new_sequence", with_flaky_sampler)
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        base = scheduler.submit(healthy, long)
+        sampler = scheduler.submit(flaky, long)
+        nan = scheduler.submit([1, 2, 3], long, adapter="broken")
+        with pytest.raises(RuntimeError, match="sampling failed: ValueError: grammar has no allowed token"):
+            list(sampler)
+        with pytest.raises(RuntimeError, match="NaN logits"):
+            list(nan)
+        assert [t for chunk in base for t in chunk.token_ids] == expected
+    finally:
+        scheduler.close()
+    assert scheduler.stats.failed == 2

@@ -252,6 +252,12 @@ class Engine:
         return self.stream([self.encode_chat(messages)], params, stop, adapter=adapter)
 
 
+def _printable(text: str) -> str:
+    """NUL (a byte token random or small models do emit) as U+FFFD: PostgreSQL's text cannot hold it, many JSON
+    clients choke on it, and every front end (and the stored copy of a reply) must show the same text."""
+    return text.replace("\x00", "\ufffd")
+
+
 class TextAssembler:
     """Turns one sequence's token events into `TextChunk`s: detokenization, stop strings, timings, the result.
 
@@ -278,10 +284,12 @@ class TextAssembler:
                 self.stopped_by_string = True
         ids = [ev.token_id] if ev.token_id is not None else []
         if not ev.seq.finished:
+            text = _printable(text)
             self.text.append(text)
             return TextChunk(self.index, text, ids)
         if not self.stopped_by_string:
             text += self.matcher.feed(self.detok.flush())[0] + self.matcher.flush()
+        text = _printable(text)
         self.text.append(text)
         return TextChunk(self.index, text, ids, ev.seq.finish_reason, self.completion(ev.seq))
 

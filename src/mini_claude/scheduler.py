@@ -49,6 +49,7 @@ class RequestHandle:
         self._cancelled = threading.Event()
         self.error: str | None = None
         self.final: TextChunk | None = None
+        self.adapter: str | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -138,6 +139,7 @@ class Scheduler:
         self._threads = torch.get_num_threads()
         self._ids = itertools.count(1)
         self._pending: deque[_Pending] = deque()
+        self._users: dict[str, int] = {}  # adapter -> requests queued or running with it (see `users`)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mini-claude-scheduler", daemon=True)
@@ -161,11 +163,30 @@ class Scheduler:
         if not ids:
             raise ValueError("the prompt is empty")
         handle = RequestHandle(next(self._ids), loop)
+        handle.adapter = adapter
         with self._wake:
+            if adapter is not None:
+                self._users[adapter] = self._users.get(adapter, 0) + 1
             self._pending.append(_Pending(handle, ids, params, stop, truncated, adapter))
             self.stats.waiting = len(self._pending)
             self._wake.notify()
         return handle
+
+    def users(self, adapter: str) -> int:
+        """Requests queued or running with `adapter`: one that is being removed waits until this is 0."""
+        with self._wake:
+            return self._users.get(adapter, 0)
+
+    def _end(self, handle: RequestHandle) -> None:
+        """The last item of every handle, whichever way it ended."""
+        if handle.adapter is not None:
+            with self._wake:
+                left = self._users.get(handle.adapter, 1) - 1
+                if left > 0:
+                    self._users[handle.adapter] = left
+                else:
+                    self._users.pop(handle.adapter, None)
+        handle._put(_DONE)
 
     @property
     def alive(self) -> bool:
@@ -193,7 +214,7 @@ class Scheduler:
                 self.stats.waiting = len(self._pending)
             for p in [p for p in admitted if p.handle.cancelled]:  # gave up while waiting: no prefill for it
                 admitted.remove(p)
-                p.handle._put(_DONE)
+                self._end(p.handle)
                 self.stats.cancelled += 1
             try:
                 self._cancel(gen, active)
@@ -222,7 +243,7 @@ class Scheduler:
             self._observe(gen)
         for _seq, handle, _ in active.values():
             handle.error = "the server is shutting down"
-            handle._put(_DONE)
+            self._end(handle)
 
     def _generator(self) -> BatchGenerator:
         engine = self.engine
@@ -241,7 +262,7 @@ class Scheduler:
 
     def _fail(self, handle: RequestHandle, reason: str) -> None:
         handle.error = f"generation failed: {reason}"
-        handle._put(_DONE)
+        self._end(handle)
         self.stats.failed += 1
 
     def _cancel(
@@ -252,7 +273,7 @@ class Scheduler:
                 gen.finish(seq, "cancelled")
                 handle.final = TextChunk(0, "", [], "cancelled", text.completion(seq))
                 handle._put(handle.final)
-                handle._put(_DONE)
+                self._end(handle)
                 del active[key]
                 self.stats.finished += 1
                 self.stats.cancelled += 1
@@ -270,6 +291,6 @@ class Scheduler:
             handle._put(chunk)
             if chunk.finish_reason is not None:
                 handle.final = chunk
-                handle._put(_DONE)
+                self._end(handle)
                 del active[id(seq)]
                 self.stats.finished += 1

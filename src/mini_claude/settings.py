@@ -35,7 +35,13 @@ class Settings(BaseSettings):
     # NoDecode: the variable is a plain comma-separated list ("key1,key2"), not JSON; see `_split_keys`.
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="If set, every route but /health needs `Authorization: Bearer <one of these>`.",
+        description="If set, every route but /health (docs, UI too) needs `Authorization: Bearer <one of these>`.",
+    )
+    max_request_bytes: int = Field(
+        8 * 2**20, ge=1, description="Largest request body accepted; a larger one is a 413 before it is parsed."
+    )
+    job_lease_s: float = Field(
+        30.0, gt=0, description="A running fine-tune job whose runner sent no heartbeat for this long is taken over."
     )
     host: str = "127.0.0.1"  # loopback: exposing the server is a decision, not a default
     port: int = Field(8000, ge=0, le=65535)

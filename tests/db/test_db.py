@@ -528,6 +528,72 @@ def test_fine_tune_job_lifecycle(engine: Engine) -> None:
         assert session.scalar(select(func.count()).where(FineTuneJob.result.is_(None))) == 1
 
 
+def test_runners_racing_for_jobs_claim_each_exactly_once(databases: Databases) -> None:
+    """Runners of several server processes (here: engines with their own connections) claim concurrently."""
+    url = databases.new_url()
+    engines = [databases.engine(url) for _ in range(4)]
+    init_db(engines[0])
+    with session_scope(engines[0]) as session:
+        jobs = {crud.create_fine_tune_job(session, {"n": i}).id for i in range(12)}
+    start = threading.Barrier(len(engines))
+
+    def runner(i: int) -> list[str]:
+        start.wait()
+        claimed = []
+        while True:
+            with session_scope(engines[i]) as session:
+                job = crud.claim_next_fine_tune_job(session, f"runner-{i}", lease_s=60)
+                if job is None:
+                    return claimed
+                assert (job.status, job.owner) == ("running", f"runner-{i}")
+                claimed.append(job.id)
+
+    with ThreadPoolExecutor(len(engines)) as pool:
+        results = list(pool.map(runner, range(len(engines))))
+    everything = [job for claimed in results for job in claimed]
+    assert sorted(everything) == sorted(jobs)  # every job once: none twice, none missed
+
+
+def test_a_job_whose_lease_ran_out_is_claimed_again_and_its_old_runner_is_told(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        job_id = crud.create_fine_tune_job(session, {}).id
+    with session_scope(engine) as session:
+        assert crud.claim_next_fine_tune_job(session, "a", lease_s=60).id == job_id  # type: ignore[union-attr]
+    with session_scope(engine) as session:
+        assert crud.claim_next_fine_tune_job(session, "b", lease_s=60) is None  # a's lease holds
+        assert crud.renew_fine_tune_lease(session, job_id, "a", 60)
+        session.execute(text("UPDATE fine_tune_jobs SET lease_expires_at = :t"), {"t": "2000-01-01 00:00:00"})
+    with session_scope(engine) as session:  # a died: its lease ran out
+        taken = crud.claim_next_fine_tune_job(session, "b", lease_s=60)
+        assert taken is not None and (taken.id, taken.owner, taken.status) == (job_id, "b", "running")
+    with session_scope(engine) as session:
+        assert not crud.renew_fine_tune_lease(session, job_id, "a", 60)  # a (if it was only stalled) must stop
+        assert crud.update_fine_tune_job(session, job_id, status="succeeded", owner="a") is None
+        done = crud.update_fine_tune_job(session, job_id, status="succeeded", owner="b")
+        assert done is not None and done.lease_expires_at is None
+    with session_scope(engine) as session:
+        assert crud.claim_next_fine_tune_job(session, "c") is None
+
+
+def test_text_columns_store_nul_as_replacement_on_every_backend(engine: Engine) -> None:
+    """PostgreSQL's text cannot hold NUL; the column type replaces it, whoever writes (a job's error text did)."""
+    with session_scope(engine) as session:
+        conversation = crud.create_conversation(session, title="t\x00", model="m\x00", system_prompt="s\x00")
+        crud.add_message(session, conversation.id, "assistant", "c\x00", finish_reason="f\x00", model="m\x00")
+        job = crud.create_fine_tune_job(session, {})
+        crud.update_fine_tune_job(session, job.id, status="failed", error="log tail \x00\x00")
+    with session_scope(engine) as session:
+        stored = crud.get_conversation(session, conversation.id)
+        assert stored is not None and (stored.title, stored.model, stored.system_prompt) == (
+            "t\ufffd",
+            "m\ufffd",
+            "s\ufffd",
+        )
+        message = crud.list_messages(session, conversation.id)[0]
+        assert (message.content, message.finish_reason, message.model) == ("c\ufffd", "f\ufffd", "m\ufffd")
+        assert crud.get_fine_tune_job(session, job.id).error == "log tail \ufffd\ufffd"  # type: ignore[union-attr]
+
+
 # ------------------------------------------------------------------------------------------------ engines, ping
 
 
@@ -581,3 +647,28 @@ def test_db_package_imports_nothing_else_of_mini_claude() -> None:
             else:
                 continue
             assert not [name for name in names if name.split(".")[0] == "mini_claude"], source.name
+
+
+def test_a_worker_opening_a_fresh_sqlite_file_while_another_writes_it_waits(tmp_path: Path) -> None:
+    """The intermittent 'database is locked' while workers created the schema: switching a fresh file to WAL
+    meets another worker's lock, and SQLite refuses that switch at once instead of waiting its busy timeout."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "fresh.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # still a rollback journal
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE other_worker (x)")
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    start = time.monotonic()
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        assert init_db(engine)[-1] == head_revision()  # waited for the lock instead of failing
+        assert time.monotonic() - start >= 0.4
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        release.join()
+        engine.dispose()
+        other.close()

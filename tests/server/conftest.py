@@ -125,6 +125,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def live_long(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """Like `live`, with a model that has no end-of-sequence token: every reply runs to its `max_tokens`."""
+    db = tmp_path_factory.mktemp("live") / "live.db"
+    server = LiveServer(create_app(app_settings(f"sqlite:///{db}"), tiny_engine(eos=False)))
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def make_live(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
     """Start real servers with a given engine and settings; all are stopped at the end of the test."""

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -124,3 +127,52 @@ def test_serve_settings_load_adapters(tmp_path: Path, adapter_dir: Path, engine:
     loaded = load_engine(settings)
     assert loaded.adapters.names == ["tuned", "support"]
     assert expected(loaded, "support") == expected(loaded, "tuned") != expected(loaded, None)
+
+
+def test_deleting_an_adapter_lets_its_running_requests_finish_first(
+    make_live: Callable[..., Any], new_engine: Callable[..., Engine], adapter_dir: Path
+) -> None:
+    engine = new_engine(eos=False)
+    engine.load_adapter(adapter_dir)
+    engine.model.register_forward_pre_hook(lambda *_: time.sleep(0.02))  # ~2.4 s for the stream: still running
+    reference = new_engine(eos=False)
+    reference.load_adapter(adapter_dir)
+    server = make_live(engine)
+    body = {"model": "tuned", "messages": MESSAGES, "max_tokens": 120, "temperature": 0, "stream": True,
+            "store": False}  # fmt: skip
+    deleted: dict[str, Any] = {}
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        base = client.delete("/v1/models/tiny")
+        assert base.status_code == 400 and base.json()["error"]["code"] == "model_not_deletable"
+        assert client.delete("/v1/models/nothing").status_code == 404
+        with client.stream("POST", "/v1/chat/completions", json=body) as stream:
+            lines = stream.iter_lines()
+            seen = [next(line for line in lines if '"content":"' in line and '"role"' not in line)]
+
+            def delete() -> None:
+                with httpx.Client(base_url=server.url, timeout=120) as other:
+                    deleted["response"] = other.delete("/v1/models/tuned")
+                    deleted["at"] = time.monotonic()
+
+            deleter = threading.Thread(target=delete)
+            deleter.start()
+            while "tuned" in [m["id"] for m in client.get("/v1/models").json()["data"]]:
+                time.sleep(0.05)  # the removal has begun: the adapter is no longer offered
+            assert "response" not in deleted  # ... but it waits for the stream
+            refused = client.post("/v1/chat/completions", json={**body, "stream": False})  # new ones: refused
+            assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+            seen += [line for line in lines if line]
+            finished = time.monotonic()
+        deleter.join(60)
+        assert deleted["response"].status_code == 200 and deleted["response"].json() == {
+            "id": "tuned", "object": "model", "deleted": True}  # fmt: skip
+        assert deleted["at"] >= finished - 0.5  # the delete waited for the stream
+        assert client.delete("/v1/models/tuned").status_code == 404
+    text = "".join(
+        (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+        for line in seen if line.startswith("data: {")
+    )  # fmt: skip
+    assert '"error"' not in "".join(seen) and seen[-1] == "data: [DONE]"
+    params = SamplingParams(max_new_tokens=120, temperature=0.0)
+    assert text == reference.complete(reference.encode_chat(MESSAGES), params, adapter="tuned").text
+    assert "tuned" not in engine.adapters

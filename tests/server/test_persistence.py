@@ -232,3 +232,32 @@ def test_closing_stream_reply_cancels_and_keeps_the_partial_reply(
     messages = service.get_conversation(conversation_id)["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[1]["content"].startswith(tokens) and len(messages[1]["content"]) < 2000
+
+
+def test_a_retry_racing_its_abandoned_attempt_stores_one_reply(
+    make_client: Callable[..., TestClient], database_url: str
+) -> None:
+    """Under load a client times out and retries (same Idempotency-Key) while its first attempt still runs; that
+    attempt's partial reply is stored when its disconnect is noticed, before or after the retry's full reply.
+    Either way the conversation holds the user message once and the full reply once."""
+    import hashlib
+
+    from mini_claude.server.generation import Job
+
+    client = make_client(database_url)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    conversation_id = say(client, "start")["conversation_id"]
+    for header, partial_first in (("late-partial", False), ("early-partial", True)):
+        key = "req-" + hashlib.sha256(header.encode()).hexdigest()[:40]
+        abandoned = Job("chatcmpl-first", "tiny", [], [], [], 0, conversation_id=conversation_id, key=key)
+        turn = [{"role": "user", "content": header}]
+        if partial_first:  # the first attempt stored its turn and was cancelled before the retry came
+            service.conversations.store_turns(conversation_id, None, turn, key, None, "tiny")
+            service.conversations.store_reply(abandoned, "half a rep", None)
+        body = {"messages": turn, "conversation_id": conversation_id, "temperature": 0, "max_tokens": 6}
+        full = client.post(CHAT, json=body, headers={"Idempotency-Key": header}).json()
+        if not partial_first:
+            service.conversations.store_reply(abandoned, "half a rep", None)
+        stored = count_messages(database_url, conversation_id)[-2:]
+        assert stored == [("user", header), ("assistant", full["choices"][0]["message"]["content"])]
+    assert [role for role, _ in count_messages(database_url, conversation_id)] == ["user", "assistant"] * 3

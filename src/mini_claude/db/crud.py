@@ -17,9 +17,10 @@ Design choices:
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy import and_, delete, func, inspect, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -239,6 +240,16 @@ def get_message_by_key(session: Session, conversation_id: str, idempotency_key: 
     return session.scalars(query).one_or_none()
 
 
+def delete_message_by_key(session: Session, conversation_id: str, idempotency_key: str) -> bool:
+    """Delete the message stored under this key (e.g. a partial reply superseded by a full one); False if absent."""
+    deleted = session.execute(
+        delete(Message)
+        .where(Message.conversation_id == conversation_id, Message.idempotency_key == idempotency_key)
+        .execution_options(synchronize_session="evaluate")
+    )
+    return deleted.rowcount > 0  # type: ignore[attr-defined]
+
+
 def list_messages(
     session: Session, conversation_id: str, *, limit: int | None = None, offset: int = 0
 ) -> list[Message]:
@@ -283,15 +294,23 @@ def list_fine_tune_jobs(session: Session, *, limit: int = 20, offset: int = 0) -
     return list(session.scalars(query))
 
 
-def claim_next_fine_tune_job(session: Session) -> FineTuneJob | None:
-    """Mark the oldest queued job running and return it; None when nothing waits.
+def _claimable(now: Any) -> Any:
+    """Queued jobs, and running jobs whose runner's lease has run out (or that never had one: older rows)."""
+    expired = or_(FineTuneJob.lease_expires_at.is_(None), FineTuneJob.lease_expires_at < now)
+    return or_(FineTuneJob.status == "queued", and_(FineTuneJob.status == "running", expired))
 
-    The status changes only if it is still `queued` when the UPDATE runs, so two runners sharing a database
-    never both claim one job (PostgreSQL also skips rows another transaction has locked).
+
+def claim_next_fine_tune_job(session: Session, owner: str = "", lease_s: float = 30.0) -> FineTuneJob | None:
+    """Give the oldest claimable job (queued, or running under an expired lease) to `owner` for `lease_s` seconds.
+
+    Exactly one of several runners sharing a database gets a job: PostgreSQL's `FOR UPDATE SKIP LOCKED` makes
+    concurrent claimers pick different rows, and the UPDATE re-checks the condition, so a job claimed meanwhile
+    (on SQLite, whose `BEGIN IMMEDIATE` runs claims one at a time) is never taken twice. None when nothing waits.
     """
+    now = utcnow()
     query = (
         select(FineTuneJob.id)
-        .where(FineTuneJob.status == "queued")
+        .where(_claimable(now))
         .order_by(FineTuneJob.created_at, FineTuneJob.id)
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -301,13 +320,27 @@ def claim_next_fine_tune_job(session: Session) -> FineTuneJob | None:
         return None
     claimed = session.execute(
         update(FineTuneJob)
-        .where(FineTuneJob.id == job_id, FineTuneJob.status == "queued")
-        .values(status="running", updated_at=utcnow())
+        .where(FineTuneJob.id == job_id, _claimable(now))
+        .values(status="running", owner=owner, lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now)
+        .execution_options(synchronize_session=False)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         return None
     session.expire_all()
     return session.get(FineTuneJob, job_id)
+
+
+def renew_fine_tune_lease(session: Session, job_id: str, owner: str, lease_s: float) -> bool:
+    """Extend `owner`'s lease on a running job; False when the job is no longer its to run (taken over after
+    the lease ran out, cancelled, or deleted): the runner must then stop its run."""
+    now = utcnow()
+    renewed = session.execute(
+        update(FineTuneJob)
+        .where(FineTuneJob.id == job_id, FineTuneJob.owner == owner, FineTuneJob.status == "running")
+        .values(lease_expires_at=now + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    return renewed.rowcount == 1  # type: ignore[attr-defined]
 
 
 def update_fine_tune_job(
@@ -318,8 +351,11 @@ def update_fine_tune_job(
     progress: float | None = None,
     result: dict[str, Any] | None = None,
     error: str | None = None,
+    owner: str | None = None,
 ) -> FineTuneJob | None:
-    """Record a job's progress or outcome; arguments left as None are not changed. None if the job is absent.
+    """Record a job's progress or outcome; arguments left as None are not changed. None if the job is absent,
+    or if `owner` is given and no longer holds the job (a runner whose lease was taken over changes nothing).
+    A job that leaves the running state gives its lease up.
 
     Raises:
         ValueError: Unknown status, or progress outside [0, 1].
@@ -329,10 +365,12 @@ def update_fine_tune_job(
     if progress is not None and not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must be in [0, 1], got {progress}")
     job = session.get(FineTuneJob, job_id, with_for_update=True)  # row lock on PostgreSQL; ignored by SQLite
-    if job is None:
+    if job is None or (owner is not None and (job.owner != owner or job.status != "running")):
         return None
     if status is not None:
         job.status = status
+        if status != "running":
+            job.lease_expires_at = None
     if progress is not None:
         job.progress = progress
     if result is not None:

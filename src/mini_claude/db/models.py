@@ -9,8 +9,10 @@ Design choices:
   schema works on SQLite and PostgreSQL without a native UUID type.
 - Timestamps are stored in UTC and always come back timezone-aware (`UTCDateTime`), because SQLite keeps no
   offset and PostgreSQL returns the session's zone: callers get one kind of datetime from both backends.
-- Free text (titles, prompts, contents, model names) is `Text`, so length limits never differ between the
-  backends (SQLite ignores `VARCHAR(n)`, PostgreSQL enforces it).
+- Free text (titles, prompts, contents, model names, errors) is `Text`, so length limits never differ between
+  the backends (SQLite ignores `VARCHAR(n)`, PostgreSQL enforces it), written through `NulFreeText`:
+  PostgreSQL's text cannot hold NUL, which users paste and models emit, so a NUL is stored as U+FFFD on every
+  backend. The column type does it, so no caller can forget it (a job's error text, from a child's log, did).
 - Messages are ordered by a per-conversation sequence number `seq`, not by `created_at`: two messages stored
   within the clock's resolution, or by hosts whose clocks differ, still keep the order they were added in.
   The conversation row carries the last number handed out (`last_seq`); `crud.add_message` increments it
@@ -42,6 +44,7 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 
 ID_LENGTH = 36  # str(uuid.uuid4())
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
+OWNER_LENGTH = 128  # a job runner's id: host, process id and a random suffix
 
 
 def new_id() -> str:
@@ -86,6 +89,16 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class NulFreeText(TypeDecorator[str]):
+    """`Text` that stores NUL characters as U+FFFD (see the module docstring)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else value.replace("\x00", "\ufffd")
+
+
 class Base(DeclarativeBase):
     """Declarative base whose `metadata` holds every table of the store (used by `create_all`)."""
 
@@ -97,9 +110,9 @@ class Conversation(Base):
     __table_args__ = (Index("ix_conversations_updated_at", "updated_at"),)
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
-    title: Mapped[str] = mapped_column(Text, nullable=False)
-    model: Mapped[str | None] = mapped_column(Text)
-    system_prompt: Mapped[str | None] = mapped_column(Text)
+    title: Mapped[str] = mapped_column(NulFreeText, nullable=False)
+    model: Mapped[str | None] = mapped_column(NulFreeText)
+    system_prompt: Mapped[str | None] = mapped_column(NulFreeText)
     # `metadata` is reserved on declarative classes, so the attribute is `meta` over a column named "metadata".
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, nullable=False, default=dict)
     # The sequence number of the newest message (0 when empty); see the module docstring.
@@ -135,13 +148,13 @@ class Message(Base):
     )
     seq: Mapped[int] = mapped_column(Integer, nullable=False)
     role: Mapped[str] = mapped_column(String(16), nullable=False)
-    content: Mapped[str] = mapped_column(Text, nullable=False)
+    content: Mapped[str] = mapped_column(NulFreeText, nullable=False)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
-    model: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(NulFreeText)
     ttft_ms: Mapped[float | None] = mapped_column(Float)  # time to first token
     duration_ms: Mapped[float | None] = mapped_column(Float)
-    finish_reason: Mapped[str | None] = mapped_column(Text)
+    finish_reason: Mapped[str | None] = mapped_column(NulFreeText)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     # Chosen by the caller to make a store idempotent; NULLs never collide, so unkeyed messages are unaffected.
     idempotency_key: Mapped[str | None] = mapped_column(String(IDEMPOTENCY_KEY_MAX_LENGTH))
@@ -166,9 +179,13 @@ class FineTuneJob(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)  # fraction done, 0..1
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))  # SQL NULL, not JSON null
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(NulFreeText)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    # The runner that holds a running job, and until when: it renews the lease while the job trains; once the
+    # lease has run out (the runner died) another runner may claim the job (`crud.claim_next_fine_tune_job`).
+    owner: Mapped[str | None] = mapped_column(String(OWNER_LENGTH))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     def __repr__(self) -> str:
         return f"FineTuneJob(id={self.id!r}, status={self.status!r})"

@@ -27,6 +27,8 @@ Design choices:
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -95,9 +97,31 @@ def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")  # off by default, per connection
-    cursor.execute("PRAGMA journal_mode=WAL")  # stored in the file; readers and one writer run concurrently
+    _use_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")  # durable enough with WAL (a power cut may lose the last commit)
     cursor.close()
+
+
+def _use_wal(cursor: Any) -> None:
+    """Switch the file to WAL journaling (stored in the file: readers and one writer then run concurrently).
+
+    Switching needs the file to itself for a moment, and SQLite answers `database is locked` at once, without
+    its busy timeout, when another connection holds a lock meanwhile: server workers opening a fresh file
+    together, one of them already migrating it, failed this way now and then. So a file in WAL already is left
+    as it is (asking the mode takes no lock), and a switch that meets a lock is retried for the busy timeout.
+    """
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        return
+    deadline, pause = time.monotonic() + SQLITE_BUSY_TIMEOUT_S, 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
 
 def _on_sqlite_begin(connection: Connection) -> None:

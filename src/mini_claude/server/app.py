@@ -8,9 +8,12 @@ Design choices:
   errors (including malformed JSON) are 400 `invalid_request_error`, as OpenAI answers them, not FastAPI's
   422; unknown paths and methods keep their 404/405; anything unexpected is a 500 with a generic message
   (the traceback goes to the log, never to the client).
-- With API keys set, the web UI at /ui asks for one too: a browser cannot add a bearer header to the page's
-  own requests, so the UI accepts HTTP Basic auth (any user name, an API key as the password), for which
-  browsers show a login prompt and then send with every request of the page.
+- With API keys set, the web UI at /ui and the API docs (/docs, /redoc, /openapi.json: the schema maps every
+  route and parameter, which is reconnaissance for anyone who may not call them) ask for one too. A browser
+  cannot add a bearer header to a page's own requests, so these accept HTTP Basic auth as well (any user name,
+  an API key as the password), for which browsers show a login prompt and then send with every request of
+  the page (Swagger's fetch of /openapi.json included). Only /health stays open, for probes.
+- Request bodies over `max_request_bytes` are refused with a 413 before anything parses them (`limits.py`).
 - Request metrics come from a small ASGI middleware that reads the matched route's template after routing,
   so streamed responses are timed to their last byte.
 """
@@ -37,6 +40,7 @@ from mini_claude.engine import Engine
 from mini_claude.server import routes
 from mini_claude.server.errors import APIError, validation_error
 from mini_claude.server.fine_tunes import FineTuneService
+from mini_claude.server.limits import BodyLimitMiddleware
 from mini_claude.server.metrics import Metrics
 from mini_claude.server.protocol import ErrorDetail, ErrorResponse
 from mini_claude.server.service import ChatService
@@ -88,11 +92,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     for router in routes.ROUTERS:
         app.include_router(router)
     _add_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
 
     ui = settings.ui and _mount_ui(app, service)
-    if ui and settings.api_keys:
-        app.add_middleware(UIAuthMiddleware, service=service)
+    if settings.api_keys:
+        docs = (app.docs_url, app.redoc_url, app.openapi_url, "/docs/oauth2-redirect")
+        app.add_middleware(BrowserAuthMiddleware, service=service, paths=tuple(p for p in docs if p),
+                           prefixes=("/ui",) if ui else ())  # fmt: skip
 
     @app.get("/", include_in_schema=False)
     def index() -> RedirectResponse:
@@ -142,11 +149,14 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(500, detail)
 
 
-class UIAuthMiddleware:
-    """Requires an API key (Basic password or Bearer token) for everything under `prefix` (the web UI)."""
+class BrowserAuthMiddleware:
+    """Requires an API key (Basic password or Bearer token) for `paths` and everything under `prefixes`: the
+    pages a browser opens (the web UI, the API docs), which cannot send a bearer header of their own."""
 
-    def __init__(self, app: ASGIApp, service: ChatService, prefix: str = "/ui") -> None:
-        self.app, self.service, self.prefix = app, service, prefix
+    def __init__(
+        self, app: ASGIApp, service: ChatService, paths: tuple[str, ...] = (), prefixes: tuple[str, ...] = ()
+    ) -> None:
+        self.app, self.service, self.paths, self.prefixes = app, service, set(paths), prefixes
 
     def _token(self, scope: Scope) -> str:
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
@@ -160,7 +170,7 @@ class UIAuthMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        guarded = path == self.prefix or path.startswith(self.prefix + "/")
+        guarded = path in self.paths or any(path == p or path.startswith(p + "/") for p in self.prefixes)
         if scope["type"] not in ("http", "websocket") or not guarded or self.service.authorized(self._token(scope)):
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":

@@ -4,6 +4,8 @@ Design choices:
 - A request is prepared once (`_prepare`): validated against the model, its prompt built with the model's own
   chat template (from memory for a stored conversation), its new turns stored; then it is a `Job` for
   `generation.py`, and the response is a full `ChatCompletionResponse` or an `EventStream` of chunks.
+- Rendering and tokenizing run in a worker thread (the tokenizer releases the GIL): a megabyte of prompt takes
+  seconds, and the event loop must keep serving other streams and /health meanwhile.
 - Only a stored conversation is trimmed, by whole turns, with `ConversationMemory` (the system prompt always
   stays): that is what server-side memory means. A request without `conversation_id` that does not fit is a
   400, never silently cut.
@@ -20,6 +22,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import anyio
 from jinja2.exceptions import TemplateError
 from pydantic import ValidationError
 
@@ -189,19 +192,24 @@ class ChatCompletions:
                                   "messages")  # fmt: skip
                 system = systems[-1] if systems else None  # a new system prompt replaces the stored one
                 reserve = requested or min(service.settings.max_tokens, window // 4)
-                memory = ConversationMemory(
-                    system if system is not None else history.system_prompt, service.settings.memory_max_turns,
-                    max(window - reserve, 1), lambda m: len(engine.encode_chat(m)),
-                )  # fmt: skip
-                for m in history.messages + turns:
-                    memory.add(m["role"], m["content"])
-                ids = engine.encode_chat(memory.context())
+                known = history
+
+                def remembered() -> list[int]:
+                    memory = ConversationMemory(
+                        system if system is not None else known.system_prompt, service.settings.memory_max_turns,
+                        max(window - reserve, 1), lambda m: len(engine.encode_chat(m)),
+                    )  # fmt: skip
+                    for m in known.messages + turns:
+                        memory.add(m["role"], m["content"])
+                    return engine.encode_chat(memory.context())
+
+                ids = await anyio.to_thread.run_sync(remembered)  # rendering and tokenizing: off the event loop
             else:
                 system = "\n\n".join(systems) if systems else default_system
                 context = [m.to_template() for m in req.messages]
                 if default_system is not None and not systems:
                     context.insert(0, {"role": "system", "content": default_system})
-                ids = engine.encode_chat(context)
+                ids = await anyio.to_thread.run_sync(engine.encode_chat, context)
         except TemplateError as exc:
             raise invalid(f"Invalid value for 'messages': the model's chat template refused them ({exc}).",
                           "messages") from None  # fmt: skip

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from mini_claude.engine import Completion
 from mini_claude.server.errors import generation_failed, invalid
 from mini_claude.server.generation import DONE, EventStream, Handle, Job, sse, usage_of
@@ -33,7 +35,7 @@ class TextCompletions:
         prompts, params = [], []
         vocab = engine.model.config.vocab_size
         for p in req.prompts:
-            ids = engine.encode_text(p) if isinstance(p, str) else list(p)
+            ids = await anyio.to_thread.run_sync(engine.encode_text, p) if isinstance(p, str) else list(p)
             if not ids:
                 raise invalid("Invalid value for 'prompt': the prompt is empty.", "prompt")
             if max(ids) >= vocab:

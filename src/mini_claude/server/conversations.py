@@ -131,12 +131,20 @@ class ConversationStore:
             return conversation.id
 
     def store_reply(self, job: Job, text: str, completion: Completion | None) -> None:
+        """Store a finished reply, or the partial reply of a cancelled one; a request's reply lands once.
+
+        A retried request (same idempotency key) may race its abandoned first attempt: the client timed out
+        and retried while the first attempt still ran, and the first attempt's partial reply is stored when
+        the server notices the disconnect - before or after the retry's full reply. Either way only the full
+        reply stays. `add_message` first locks the conversation row, so the two stores run one after the other
+        and each sees what the other committed.
+        """
+        reply_key, partial_key = f"{job.key}:reply", f"{job.key}:partial"
         with session_scope(self.service.db) as s:  # type: ignore[arg-type]
             try:
                 crud.add_message(
                     s, job.conversation_id, "assistant", db_text(text),  # type: ignore[arg-type]
-                    # A cancelled reply has a key of its own, so that a retry's full reply can still be stored.
-                    idempotency_key=f"{job.key}:{'reply' if completion else 'partial'}",
+                    idempotency_key=reply_key if completion else partial_key,
                     model=job.model, prompt_tokens=job.prompt_tokens,
                     completion_tokens=completion.completion_tokens if completion else None,
                     ttft_ms=completion.ttft_ms if completion else None,
@@ -144,6 +152,12 @@ class ConversationStore:
                 )  # fmt: skip
             except crud.NotFoundError:  # the conversation was deleted while we generated: nothing to add to
                 log.info("conversation %s was deleted before its reply was stored", job.conversation_id)
+                return
+            conversation_id: str = job.conversation_id  # type: ignore[assignment]
+            if completion is not None:
+                crud.delete_message_by_key(s, conversation_id, partial_key)
+            elif crud.get_message_by_key(s, conversation_id, reply_key) is not None:
+                crud.delete_message_by_key(s, conversation_id, partial_key)  # a retry finished first
 
     # --------------------------------------------------------------------------------------- listings
     def list(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:

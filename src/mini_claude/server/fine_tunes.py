@@ -38,8 +38,15 @@ class FineTuneService:
         """Serve the adapters of earlier successful jobs, re-queue interrupted ones and start the worker."""
         engine, _, db = self.chat.ready()
         self.runner = FineTuneRunner(
-            db, self.chat.settings.fine_tune_dir, engine.source, on_adapter=self._serve, poll_s=poll_s
+            db,
+            self.chat.settings.fine_tune_dir,
+            engine.source,
+            on_adapter=self._serve,
+            poll_s=poll_s,
+            lease_s=self.chat.settings.job_lease_s,
+            idle_poll_s=min(5.0, self.chat.settings.job_lease_s / 2),
         )
+        self.chat.models.on_removed.append(self.runner.forget)
         for name, path in self.runner.succeeded_adapters():
             try:
                 self._serve(name, path)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from pydantic import BaseModel
 
+from mini_claude.adapters import AdapterError
 from mini_claude.engine import Completion, TextChunk
 from mini_claude.generate import SamplingParams
 from mini_claude.scheduler import RequestHandle
@@ -168,6 +169,9 @@ class Generation:
                 handle.cancel()
             if isinstance(exc, RuntimeError):  # closed while we were preparing
                 raise APIError(503, "The server is shutting down.", "server_error", code="unavailable") from None
+            if isinstance(exc, AdapterError):  # removed (`DELETE /v1/models`) since the request chose it
+                raise APIError(404, f"The model '{job.model}' has been removed.", param="model",
+                               code="model_not_found") from None  # fmt: skip
             if isinstance(exc, ValueError):
                 raise invalid(str(exc), "prompt") from None
             raise

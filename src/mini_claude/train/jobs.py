@@ -10,23 +10,32 @@ process on a YAML recipe the job writes, exactly as a user would run it by hand:
 - On success the adapter dir goes to `on_adapter(name, path)`: the server loads it as a new model, with
   no restart.
 - `cancel()` ends the child's whole process group and marks the job cancelled.
-- `recover()` (at start) re-queues jobs that were running when the previous process died;
-  `finetune --resume` then continues them from their latest checkpoint.
+- Several runners (server replicas) may share a database. A runner claims a job atomically, with a lease
+  (`owner`, `lease_expires_at`) that it renews while the job trains. When a runner dies, its lease runs out and
+  another runner claims the job, once; `finetune --resume` continues it from its latest checkpoint. A runner
+  that finds its lease taken over (it stalled past the lease) stops its child instead of finishing the job.
+  Jobs held by a dead process of this same host (a restart after a crash) are taken back at once (`recover`).
+- The child dies with its runner (`PR_SET_PDEATHSIG`), so a `kill -9` of the server never leaves a training
+  that a second runner would then run beside.
+- Idle, the worker sleeps on a condition variable: a job submitted here wakes it at once; jobs queued by
+  other processes and expired leases are looked for every `idle_poll_s` (one small query, seconds apart).
 
-One process should run jobs for a database (the server does; the queue is claimed atomically, but
-`recover()` assumes no other runner is alive). Nothing here knows about HTTP.
+Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +62,15 @@ RESULT_KEYS = (
     "steps", "train_examples", "val_examples", "train_loss_first", "train_loss_last", "val_ppl_before",
     "val_ppl_after", "val_ppl_change", "train_time_s", "wall_time_s", "tokens_trained",
 )  # fmt: skip
+
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec: nothing but the system call
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class JobError(ValueError):
@@ -95,12 +113,17 @@ class FineTuneRunner:
         model_source: str,
         on_adapter: Callable[[str, str], object] | None = None,
         poll_s: float = 0.5,
+        lease_s: float = 30.0,
+        idle_poll_s: float = 5.0,
     ) -> None:
         self.db = db
         self.work_dir = Path(work_dir).expanduser().resolve()
         self.model_source = model_source
         self.on_adapter = on_adapter
         self.poll_s = poll_s
+        self.lease_s = lease_s
+        self.idle_poll_s = idle_poll_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = threading.Condition()
         self._closed = False
         self._running: _Running | None = None
@@ -171,10 +194,20 @@ class FineTuneRunner:
             _kill(running.process)
         return self.get(job_id)
 
-    def succeeded_adapters(self) -> list[tuple[str, str]]:
-        """(model name, adapter dir) of every finished job whose adapter is still on disk, oldest first."""
+    def forget(self, name: str) -> bool:
+        """Record that fine-tuned model `name` was deleted, so it is not served again after a restart (its
+        adapter dir stays on disk, as the job's result names it). False when no job made that model."""
         with session_scope(self.db) as s:
-            found = [view(job) for job in _all_jobs(s) if job.status == "succeeded"]
+            for job in _all_jobs(s):
+                if job.status == "succeeded" and (job.config or {}).get("fine_tuned_model") == name:
+                    job.config = {**job.config, "deleted": True}  # a new dict: JSON columns miss in-place edits
+                    return True
+        return False
+
+    def succeeded_adapters(self) -> list[tuple[str, str]]:
+        """(model name, adapter dir) of every finished, undeleted job whose adapter is on disk, oldest first."""
+        with session_scope(self.db) as s:
+            found = [view(job) for job in _all_jobs(s) if job.status == "succeeded" and not job.config.get("deleted")]
         adapters = [(j["fine_tuned_model"], (j.get("result") or {}).get("adapter", "")) for j in reversed(found)]
         return [(name, path) for name, path in adapters if name and path and Path(path).is_dir()]
 
@@ -186,8 +219,11 @@ class FineTuneRunner:
         self._thread.start()
 
     def recover(self) -> list[str]:
+        """Re-queue the running jobs of dead runners of this host (their leases need not run out first: the
+        process is known to be gone); fail jobs left half-created. Jobs of live runners are left alone."""
         with session_scope(self.db) as s:
-            stale = [job for job in _all_jobs(s) if job.status in ("running", "validating_files")]
+            stale = [job for job in _all_jobs(s) if job.status == "validating_files"
+                     or (job.status == "running" and _dead_here(job.owner))]  # fmt: skip
             for job in stale:
                 status = "queued" if job.status == "running" else "failed"
                 error = None if status == "queued" else "the server stopped while the job was being created"
@@ -214,8 +250,8 @@ class FineTuneRunner:
             job_id = self._claim()
             if job_id is None:
                 with self._wake:
-                    if not self._closed:
-                        self._wake.wait(timeout=max(self.poll_s, 1.0))  # other processes may queue jobs too
+                    if not self._closed:  # other processes may queue jobs, or die holding one
+                        self._wake.wait(timeout=self.idle_poll_s)
                 continue
             try:
                 self._run_job(job_id)
@@ -226,7 +262,7 @@ class FineTuneRunner:
 
     def _claim(self) -> str | None:
         with session_scope(self.db) as s:
-            job = crud.claim_next_fine_tune_job(s)
+            job = crud.claim_next_fine_tune_job(s, self.owner, self.lease_s)
             return job.id if job is not None else None
 
     def _run_job(self, job_id: str) -> None:
@@ -238,25 +274,33 @@ class FineTuneRunner:
             command.append("--resume")  # interrupted earlier: continue from the last checkpoint
         env = {k: v for k, v in os.environ.items() if k != "MINI_CLAUDE_DEBUG"}
         with (job_dir / "log.txt").open("ab") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       preexec_fn=_die_with_parent)  # fmt: skip
         running = _Running(job_id, process, threading.Event())
         self._running = running
+        lost = False
         try:
-            step = -1
+            step, renewed = -1, time.monotonic()
             while process.poll() is None:
                 time.sleep(self.poll_s)
+                if time.monotonic() - renewed >= self.lease_s / 3:
+                    with session_scope(self.db) as s:
+                        lost = not crud.renew_fine_tune_lease(s, job_id, self.owner, self.lease_s)
+                    renewed = time.monotonic()
                 progress = read_progress(run_dir)
-                if progress and progress["step"] != step:
+                if progress and progress["step"] != step and not lost:
                     step = progress["step"]
                     with session_scope(self.db) as s:
-                        crud.update_fine_tune_job(
-                            s, job_id, progress=min(step / progress["total_steps"], 0.99), result=progress
-                        )
-                if self._cancelled_elsewhere(job_id):
+                        crud.update_fine_tune_job(s, job_id, progress=min(step / progress["total_steps"], 0.99),
+                                                  result=progress, owner=self.owner)  # fmt: skip
+                if lost or self._cancelled_elsewhere(job_id):
                     running.cancelled.set()
                     _kill(process)
         finally:
             self._running = None
+        if lost:
+            log.warning("fine-tune job %s was taken over by another runner; stopped its run here", job_id)
+            return
         self._finish(job_id, job["fine_tuned_model"], process.returncode, running.cancelled.is_set(), job_dir)
 
     def _cancelled_elsewhere(self, job_id: str) -> bool:
@@ -271,11 +315,12 @@ class FineTuneRunner:
             return  # the status says cancelled already
         if closing and returncode != 0:  # we ended it ourselves: run it again (resuming) next time
             with session_scope(self.db) as s:
-                crud.update_fine_tune_job(s, job_id, status="queued")
+                crud.update_fine_tune_job(s, job_id, status="queued", owner=self.owner)
             return
         if returncode != 0:
             with session_scope(self.db) as s:
-                crud.update_fine_tune_job(s, job_id, status="failed", error=_failure(job_dir / "log.txt", returncode))
+                crud.update_fine_tune_job(s, job_id, status="failed", error=_failure(job_dir / "log.txt", returncode),
+                                          owner=self.owner)  # fmt: skip
             return
         summary = json.loads((job_dir / "run" / "summary.json").read_text())
         result = {key: summary.get(key) for key in RESULT_KEYS} | {"adapter": summary["adapter"]}
@@ -287,7 +332,13 @@ class FineTuneRunner:
                 error = f"trained, but the adapter could not be served: {exc}"
         with session_scope(self.db) as s:
             crud.update_fine_tune_job(
-                s, job_id, status="failed" if error else "succeeded", progress=1.0, result=result, error=error
+                s,
+                job_id,
+                status="failed" if error else "succeeded",
+                progress=1.0,
+                result=result,
+                error=error,
+                owner=self.owner,
             )
 
 
@@ -349,6 +400,23 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         process.wait()
     except ProcessLookupError:
         pass
+
+
+def _dead_here(owner: str | None) -> bool:
+    """Whether `owner` (a runner id, `host:pid:suffix`) names a process of this host that no longer exists."""
+    host, _, rest = (owner or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return owner is None  # a job from before leases: nobody can be renewing it
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _all_jobs(session: Any) -> list[Any]:

@@ -62,6 +62,7 @@ from mini_claude.server.protocol.fine_tunes import (
 from mini_claude.server.protocol.models import (
     AdapterDetail,
     ModelCard,
+    ModelDeleted,
     ModelDetail,
     ModelDetails,
     ModelList,
@@ -99,6 +100,7 @@ __all__ = [
     "FineTuneRequest",
     "HealthResponse",
     "ModelCard",
+    "ModelDeleted",
     "ModelDetail",
     "ModelDetails",
     "ModelList",

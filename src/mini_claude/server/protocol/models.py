@@ -17,6 +17,14 @@ class ModelCard(BaseModel):
     root: str | None = None
 
 
+class ModelDeleted(BaseModel):
+    """OpenAI's answer to deleting a (fine-tuned) model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -74,7 +74,7 @@ class SSEResponse(StreamingResponse):
 
 def respond(result: Any) -> Response:
     """A service result as a response: SSE for streams, JSON (with `X-Conversation-Id` when stored) otherwise."""
-    if isinstance(result, Response):  # already one: `unless_disconnected` answers a client that left
+    if isinstance(result, Response):  # the client left first (`unless_disconnected`)
         return result
     if isinstance(result, EventStream):
         return SSEResponse(result)
