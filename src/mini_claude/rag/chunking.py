@@ -11,8 +11,8 @@ Design choices (what the anchors' users asked for; see shared/reference/rag-agen
 - Inside a section, a chunk ends at the best break in the second half of its window: a paragraph (blank
   line) if there is one, else a line, else a sentence, else a word. It never ends inside a word, so the
   chunk's text tokenizes to exactly the pieces counted.
-- `overlap` pieces of the previous chunk begin the next one (0 for none), so a sentence cut at a boundary is
-  whole in one of the two.
+- Up to `overlap` pieces of the previous chunk begin the next one (0 for none), starting at the best break
+  among them (a sentence rather than mid-sentence), so text cut at a boundary is whole in one of the two.
 - Every chunk keeps its character span in the document's text (`text == doc.text[start:end]`), its page (from
   the reader's page starts) and its heading path: what a citation shows.
 """
@@ -197,10 +197,10 @@ def chunk_document(doc: Document, tokenizer: Any, config: ChunkingConfig = Chunk
             ))  # fmt: skip
             if end >= b:
                 break
-            nxt = max(end - config.overlap, s + 1)
-            while nxt < end and scores[nxt] == 0:  # start the overlap at a word
-                nxt += 1
-            s = nxt
+            # The overlap starts at the best break among the last `overlap` pieces (the earliest of equals).
+            lo = max(end - config.overlap, s + 1)
+            window = scores[lo:end]
+            s = lo + int(np.argmax(window)) if len(window) and window.max() > 0 else end
     for i, chunk in enumerate(chunks):
         chunk.seq = i
     return chunks
