@@ -117,9 +117,11 @@ def _utf8(data: bytes, errors: str = "strict") -> str:
 def read_pdf(data: bytes) -> Document:
     """Each page's text (pypdf's layout-free extraction), pages separated by a blank line, page starts kept."""
     import io
+    import logging
 
     from pypdf import PdfReader
 
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings about damaged files; we report one line
     reader = PdfReader(io.BytesIO(data))
     if reader.is_encrypted:
         raise UnreadableFileError("the PDF is encrypted")
