@@ -260,6 +260,19 @@ class KnowledgeChunk(Base):
     embedding: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # float32, little-endian, `dim` values
 
 
+class UploadedFile(Base):
+    """A file uploaded through `/v1/files` (OpenAI's Files API): its bytes, kept until deleted."""
+
+    __tablename__ = "uploaded_files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "file-<hex>", OpenAI's shape
+    filename: Mapped[str] = mapped_column(Text, nullable=False)
+    purpose: Mapped[str] = mapped_column(String(32), nullable=False)
+    size_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
 # Keyword search is maintained by the database as chunks change, never rebuilt per query: on SQLite an FTS5
 # index over the chunks (external content, kept in step by triggers; BM25 ranking is built in), on PostgreSQL a
 # GIN index over the chunks' tsvector. The same statements serve `create_all` (below) and the migration.

@@ -180,6 +180,21 @@ class Knowledge:
             (report.updated if p.is_update else report.added).append(p.source)
             report.chunks += len(p.chunks)
 
+    def ingest_data(self, collection_id: str, source: str, filename: str, data: bytes) -> tuple[str, str | None]:
+        """Ingest one file's bytes (an upload) under `source`; returns ("completed", None) or ("failed", reason).
+        The document row says the same, so a background ingestion is polled by reading it."""
+        try:
+            chunks = chunk_document(read(Path(filename), data), self.encoder.tokenizer, self.chunking)
+        except UnreadableFileError as exc:
+            with session_scope(self.db) as session:
+                store.mark_document(session, collection_id, source, filename, "failed", str(exc))
+            return "failed", str(exc)
+        vectors = self.encoder.embed([c.embed_text for c in chunks]).numpy()
+        with session_scope(self.db) as session:
+            digest = hashlib.sha256(data).hexdigest()
+            store.put_document(session, collection_id, source, filename, digest, len(data), chunks, vectors)
+        return "completed", None
+
     def remove(self, paths: Iterable[str | Path], collection: str) -> list[str]:
         """Remove files (or every file under a folder) from a collection; returns the sources removed."""
         with session_scope(self.db) as session:
@@ -220,7 +235,7 @@ class Knowledge:
         return hits
 
     def _collection(self, session: Session, name: str) -> KnowledgeCollection:
-        coll = store.get_collection(session, name)
+        coll = store.get_collection(session, name) or store.get_collection_by_id(session, name)
         if coll is None:
             raise store.CollectionError(f"no collection named {name!r}; create it with `mini-claude ingest`")
         return coll

@@ -154,6 +154,26 @@ def put_document(
     return document
 
 
+def mark_document(
+    session: Session, collection_id: str, source: str, filename: str, status: str, error: str | None = None
+) -> KnowledgeDocument:
+    """Create or update a document row without chunks: `in_progress` while it is ingested in the background,
+    `failed` with the reason when it could not be (its old chunks, if any, are dropped)."""
+    now = utcnow()
+    document = get_document(session, collection_id, source)
+    if document is None:
+        document = KnowledgeDocument(collection_id=collection_id, source=source, created_at=now, meta={},
+                                     content_hash="", size_bytes=0, n_chunks=0)  # fmt: skip
+        session.add(document)
+    elif status == "failed":
+        session.execute(delete(KnowledgeChunk).where(KnowledgeChunk.document_id == document.id))
+        document.n_chunks = 0
+    document.filename, document.status, document.error, document.updated_at = filename, status, error, now
+    session.flush()
+    touch(session, collection_id)
+    return document
+
+
 def delete_document(session: Session, collection_id: str, source: str) -> bool:
     """Remove a document and its chunks from a collection; False if it was not there."""
     deleted = session.execute(

@@ -1,4 +1,4 @@
-"""Knowledge collections of retrieval: collections, documents, chunks with their vectors, and keyword indexes.
+"""Knowledge collections of retrieval (collections, documents, chunks with vectors, keyword indexes) and uploads.
 
 Revision ID: 0004
 Revises: 0003
@@ -81,6 +81,15 @@ def upgrade() -> None:
     )
     op.create_index("ix_rag_chunks_collection", "rag_chunks", ["collection_id"])
     op.create_index("ix_rag_chunks_document_seq", "rag_chunks", ["document_id", "seq"])
+    op.create_table(
+        "uploaded_files",
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("filename", sa.Text, nullable=False),
+        sa.Column("purpose", sa.String(32), nullable=False),
+        sa.Column("size_bytes", sa.Integer, nullable=False),
+        sa.Column("data", sa.LargeBinary, nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+    )
     for statement in KEYWORD_INDEX_DDL.get(op.get_bind().dialect.name, []):
         op.execute(statement)
 
@@ -88,6 +97,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     for statement in KEYWORD_INDEX_DROP.get(op.get_bind().dialect.name, []):
         op.execute(statement)
+    op.drop_table("uploaded_files")
     op.drop_table("rag_chunks")
     op.drop_table("rag_documents")
     op.drop_table("rag_collections")
