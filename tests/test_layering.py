@@ -10,6 +10,7 @@ from pathlib import Path
 CORE = [
     "mini_claude.config",
     "mini_claude.model",
+    "mini_claude.encoder",
     "mini_claude.tokenizer",
     "mini_claude.generate",
     "mini_claude.checkpoint",
@@ -71,3 +72,13 @@ def test_train_never_imports_eval_and_predict_imports_nothing_of_the_package() -
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_rag_knows_nothing_of_http() -> None:
+    """rag/ uses the core and the database; the server composes it (STYLE.md, point 2)."""
+    package = Path(__file__).resolve().parents[1] / "src" / "mini_claude"
+    for path in (package / "rag").glob("*.py"):
+        bad = sorted(
+            m for m in _imports(path) if m.split(".")[0] in FORBIDDEN[:4] or m.startswith("mini_claude.server")
+        )
+        assert not bad, f"rag/{path.name} imports {bad}"

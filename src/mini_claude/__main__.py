@@ -59,8 +59,13 @@ def _add_commands(parser: Any, commands: Commands, prog: str) -> None:
         fn = entry
         sub = ArgumentParser(prog=f"{prog} {name}", exit_on_error=False)
         sub.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these flags as keys")
-        flags = {n for n, p in inspect.signature(fn).parameters.items() if p.annotation in (bool, "bool")}
-        sub.add_function_arguments(fn, skip=flags, as_positional=True)
+        params = inspect.signature(fn).parameters
+        flags = {n for n, p in params.items() if p.annotation in (bool, "bool")}
+        # A required list of strings is a variadic positional: `mini-claude ingest a.md docs/ ...`.
+        many = {n for n, p in params.items() if p.annotation in (list[str], "list[str]") and p.default is p.empty}
+        sub.add_function_arguments(fn, skip=flags | many, as_positional=True)
+        for positional in many:
+            sub.add_argument(positional, nargs="+", help=_param_help(fn, positional))
         for flag in sorted(flags):  # booleans are switches: --json / --no_json
             default = inspect.signature(fn).parameters[flag].default
             sub.add_argument(f"--{flag}", action=ActionYesNo, default=bool(default), help=_param_help(fn, flag))

@@ -468,6 +468,13 @@ def _training_commands() -> dict[str, object]:
     return {"finetune": finetune, "eval": evaluate}
 
 
+def _rag_commands() -> dict[str, object]:
+    from mini_claude.rag.commands import collections, eval_rag, ingest, remove_file, search
+
+    return {"ingest": ingest, "search": search, "remove-file": remove_file, "collections": collections,
+            "eval-rag": eval_rag}  # fmt: skip
+
+
 COMMANDS = {
     "chat": chat,
     "generate": generate,
@@ -478,5 +485,6 @@ COMMANDS = {
     "speak": speak,
     "voices": voices,
     "transcribe": transcribe,
+    **_rag_commands(),
     "db": {"upgrade": db_upgrade, "downgrade": db_downgrade, "current": db_current},
 }

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     tts_engine: Literal["hibari", "espeak-ng", "piper", "elevenlabs"] = Field(
         "hibari", description="The speech engine OpenAI's model names (tts-1, gpt-4o-mini-tts) select."
     )
+    rag_index_dir: str = Field(
+        "./rag-index", description="Where the HNSW graphs of large knowledge collections are kept (one file each)."
+    )
     audio_cache_dir: str = Field("./audio-cache", description="Where synthesized speech is cached on disk.")
     audio_cache_max_mb: float = Field(256, ge=0, description="Most megabytes the audio cache holds (0: no cache).")
     audio_threads: int = Field(1, ge=1, le=64, description="CPU threads of the speech engine's ONNX runtime.")

@@ -1,4 +1,4 @@
-"""Tables of the conversation store: conversations, their messages, and fine-tuning jobs.
+"""Tables of the store: conversations, their messages, fine-tuning jobs, and the knowledge collections of retrieval.
 
 Design choices:
 - Typed SQLAlchemy 2 declarative models (`Mapped[...]`), one flat module (it stays far below the size at which
@@ -30,7 +30,20 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    DDL,
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    event,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -189,3 +202,126 @@ class FineTuneJob(Base):
 
     def __repr__(self) -> str:
         return f"FineTuneJob(id={self.id!r}, status={self.status!r})"
+
+
+# ------------------------------------------------------------------------------------- knowledge (retrieval)
+
+DOCUMENT_STATUSES: tuple[str, ...] = ("in_progress", "completed", "failed")  # OpenAI's vector-store file states
+
+
+class KnowledgeCollection(Base):
+    """A named set of documents searched together (a vector store, in OpenAI's words), tied to one embedder."""
+
+    __tablename__ = "rag_collections"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    embedder: Mapped[str] = mapped_column(Text, nullable=False)  # vectors of different models never mix
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class KnowledgeDocument(Base):
+    """One file of a collection: where it came from and the hash that makes re-ingesting it idempotent."""
+
+    __tablename__ = "rag_documents"
+    __table_args__ = (
+        Index("uq_rag_documents_collection_source", "collection_id", "source", unique=True),
+        CheckConstraint(in_list_check("status", DOCUMENT_STATUSES), name="ck_rag_documents_status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    collection_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("rag_collections.id", ondelete="CASCADE"), nullable=False
+    )
+    source: Mapped[str] = mapped_column(Text, nullable=False)  # an absolute path, or an uploaded file's id
+    filename: Mapped[str] = mapped_column(Text, nullable=False)
+    content_hash: Mapped[str] = mapped_column(String(64), nullable=False)  # sha256 of the file's bytes
+    size_bytes: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    n_chunks: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="completed")
+    error: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+class KnowledgeChunk(Base):
+    """A piece of a document that fits the embedder: its text, span, page, heading path and vector.
+
+    The id is an integer so SQLite's FTS5 index can refer to rows by rowid (an external-content table).
+    """
+
+    __tablename__ = "rag_chunks"
+    __table_args__ = (
+        Index("ix_rag_chunks_collection", "collection_id"),
+        Index("ix_rag_chunks_document_seq", "document_id", "seq"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    document_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("rag_documents.id", ondelete="CASCADE"), nullable=False
+    )
+    collection_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("rag_collections.id", ondelete="CASCADE"), nullable=False
+    )
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    text: Mapped[str] = mapped_column(Text, nullable=False)
+    heading: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    start_char: Mapped[int] = mapped_column(Integer, nullable=False)
+    end_char: Mapped[int] = mapped_column(Integer, nullable=False)
+    page: Mapped[int | None] = mapped_column(Integer)
+    n_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # float32, little-endian, `dim` values
+
+
+class UploadedFile(Base):
+    """A file uploaded through `/v1/files` (OpenAI's Files API): its bytes, kept until deleted."""
+
+    __tablename__ = "uploaded_files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "file-<hex>", OpenAI's shape
+    filename: Mapped[str] = mapped_column(Text, nullable=False)
+    purpose: Mapped[str] = mapped_column(String(32), nullable=False)
+    size_bytes: Mapped[int] = mapped_column(Integer, nullable=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
+# Keyword search is maintained by the database as chunks change, never rebuilt per query: on SQLite an FTS5
+# index over the chunks (external content, kept in step by triggers; BM25 ranking is built in), on PostgreSQL a
+# GIN index over the chunks' tsvector. The same statements serve `create_all` (below) and the migration.
+KEYWORD_INDEX_DDL: dict[str, list[str]] = {
+    "sqlite": [
+        "CREATE VIRTUAL TABLE rag_chunks_fts USING fts5(heading, text, content='rag_chunks', content_rowid='id', "
+        "tokenize='porter unicode61')",
+        "CREATE TRIGGER rag_chunks_fts_insert AFTER INSERT ON rag_chunks BEGIN "
+        "INSERT INTO rag_chunks_fts(rowid, heading, text) VALUES (new.id, new.heading, new.text); END",
+        "CREATE TRIGGER rag_chunks_fts_delete AFTER DELETE ON rag_chunks BEGIN "
+        "INSERT INTO rag_chunks_fts(rag_chunks_fts, rowid, heading, text) VALUES ('delete', old.id, old.heading, "
+        "old.text); END",
+        "CREATE TRIGGER rag_chunks_fts_update AFTER UPDATE ON rag_chunks BEGIN "
+        "INSERT INTO rag_chunks_fts(rag_chunks_fts, rowid, heading, text) VALUES ('delete', old.id, old.heading, "
+        "old.text); INSERT INTO rag_chunks_fts(rowid, heading, text) VALUES (new.id, new.heading, new.text); END",
+    ],
+    "postgresql": [
+        "CREATE INDEX ix_rag_chunks_tsv ON rag_chunks USING gin (to_tsvector('english', heading || ' ' || text))",
+    ],
+}
+KEYWORD_INDEX_DROP: dict[str, list[str]] = {
+    "sqlite": [
+        "DROP TRIGGER IF EXISTS rag_chunks_fts_insert",
+        "DROP TRIGGER IF EXISTS rag_chunks_fts_delete",
+        "DROP TRIGGER IF EXISTS rag_chunks_fts_update",
+        "DROP TABLE IF EXISTS rag_chunks_fts",
+    ],
+    "postgresql": ["DROP INDEX IF EXISTS ix_rag_chunks_tsv"],
+}
+for _dialect, _statements in KEYWORD_INDEX_DDL.items():
+    for _statement in _statements:
+        event.listen(KnowledgeChunk.__table__, "after_create", DDL(_statement).execute_if(dialect=_dialect))
+for _dialect, _statements in KEYWORD_INDEX_DROP.items():
+    for _statement in _statements:
+        event.listen(KnowledgeChunk.__table__, "before_drop", DDL(_statement).execute_if(dialect=_dialect))

@@ -39,11 +39,13 @@ from mini_claude.db import init_db, make_engine
 from mini_claude.engine import Engine
 from mini_claude.server import routes
 from mini_claude.server.errors import APIError, validation_error
+from mini_claude.server.files import FileService
 from mini_claude.server.fine_tunes import FineTuneService
 from mini_claude.server.limits import BodyLimitMiddleware
 from mini_claude.server.metrics import Metrics
 from mini_claude.server.protocol import ErrorDetail, ErrorResponse
 from mini_claude.server.service import ChatService
+from mini_claude.server.vector_stores import VectorStoreService
 from mini_claude.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     service = ChatService(settings, Metrics())
     fine_tunes = FineTuneService(service)
+    files = FileService(service)
+    vector_stores = VectorStoreService(service, files)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +83,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             yield
         finally:
             await anyio.to_thread.run_sync(fine_tunes.stop)
+            vector_stores.stop()
             service.stop()
             database.dispose()
 
@@ -88,6 +93,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )  # fmt: skip
     app.state.service = service
     app.state.fine_tunes = fine_tunes
+    app.state.files, app.state.vector_stores = files, vector_stores
     app.state.settings = settings
     for router in routes.ROUTERS:
         app.include_router(router)

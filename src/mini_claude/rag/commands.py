@@ -1,0 +1,224 @@
+"""`mini-claude ingest | search | remove-file | collections | eval-rag`: the retrieval commands (see `cli.COMMANDS`).
+
+Each is a plain function whose signature and docstring become its flags. They open the project database
+(settings' `database_url`, SQLite by default), build a `Knowledge` over it and print; the work is
+`rag.knowledge`'s. An unreadable file is one line on stderr and ingestion goes on.
+"""
+
+from __future__ import annotations
+
+import json as json_lib
+import sys
+from pathlib import Path
+from typing import Literal
+
+from mini_claude.settings import Settings
+
+Mode = Literal["hybrid", "keyword", "dense"]
+Dense = Literal["auto", "exact", "hnsw"]
+
+
+def _knowledge(database_url: str | None, dense: Dense = "auto", max_tokens: int = 256, overlap: int = 32):  # type: ignore[no-untyped-def]
+    from mini_claude.cli import UserError
+    from mini_claude.db import init_db, make_engine
+    from mini_claude.rag.chunking import ChunkingConfig
+    from mini_claude.rag.knowledge import Knowledge
+
+    settings = Settings()
+    engine = make_engine(database_url or settings.database_url)
+    init_db(engine)
+    try:
+        chunking = ChunkingConfig(max_tokens=max_tokens, overlap=overlap)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return Knowledge(engine, chunking=chunking, dense=dense, index_dir=settings.rag_index_dir)
+
+
+def ingest(
+    paths: list[str],
+    collection: str = "default",
+    database_url: str | None = None,
+    max_tokens: int = 256,
+    overlap: int = 32,
+    json: bool = False,
+) -> None:
+    """Add files and folders (recursively) to a collection; unchanged files are skipped, changed ones replaced.
+
+    Formats: .txt .md .rst .html .pdf .docx .json .jsonl. Files that were ingested from a folder named here and
+    are gone from it now are removed. Prints {added, updated, deleted, skipped} and each unreadable file.
+
+    Args:
+        paths: files or folders.
+        collection: the collection to add them to (created if new).
+        database_url: the database (default: settings, sqlite:///./mini_claude.db).
+        max_tokens: most word pieces per chunk, [CLS]/[SEP] and heading included (the embedder's window: 256).
+        overlap: word pieces repeated from one chunk at the start of the next.
+        json: print the report as one JSON object.
+    """
+    from mini_claude.cli import UserError
+
+    knowledge = _knowledge(database_url, max_tokens=max_tokens, overlap=overlap)
+    try:
+        report = knowledge.ingest(
+            paths, collection, progress=not json and sys.stderr.isatty(),
+            on_error=lambda source, reason: print(f"skipped {source}: {reason}", file=sys.stderr),
+        )  # fmt: skip
+    except FileNotFoundError as exc:
+        raise UserError(str(exc)) from None
+    counts = report.counts()
+    if json:
+        print(json_lib.dumps({**counts, "chunks": report.chunks, "seconds": round(report.seconds, 3),
+                              "failed_files": [{"file": f, "reason": r} for f, r in report.failed]}))  # fmt: skip
+        return
+    rate = report.chunks / report.seconds if report.seconds else 0.0
+    print(
+        f"{collection}: added {counts['added']}, updated {counts['updated']}, deleted {counts['deleted']}, "
+        f"skipped {counts['skipped']}, failed {counts['failed']}; {report.chunks} chunks in {report.seconds:.1f}s "
+        f"({rate:.1f} chunks/s)"
+    )
+
+
+def search(
+    query: str,
+    collection: str = "default",
+    k: int = 5,
+    mode: Mode = "hybrid",
+    database_url: str | None = None,
+    dense: Dense = "auto",
+    json: bool = False,
+) -> None:
+    """Search a collection: the chunks that best answer QUERY, with file, page, heading and character span.
+
+    Args:
+        query: the question or keywords.
+        collection: the collection to search.
+        k: how many chunks.
+        mode: hybrid (keyword and dense fused by reciprocal rank), keyword (BM25) or dense (embeddings).
+        database_url: the database (default: settings, sqlite:///./mini_claude.db).
+        dense: the dense index: exact, hnsw, or auto (HNSW from 50k chunks).
+        json: print a JSON list of hits.
+    """
+    from mini_claude.cli import UserError
+    from mini_claude.rag.store import CollectionError
+
+    try:
+        hits = _knowledge(database_url, dense).search(query, collection, k, mode)
+    except CollectionError as exc:
+        raise UserError(str(exc)) from None
+    if json:
+        print(json_lib.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
+        return
+    for n, h in enumerate(hits, 1):
+        where = f"{h.source}" + (f" p.{h.page}" if h.page else "") + f" [{h.start_char}:{h.end_char}]"
+        ranks = ", ".join(f"{name} #{rank}" for name, rank in h.ranks.items())
+        print(f"[{n}] {where}  ({ranks}; score {h.score:.4f})")
+        if h.heading:
+            print(f"    {h.heading}")
+        print("    " + " ".join(h.text.split())[:300])
+
+
+def remove_file(paths: list[str], collection: str = "default", database_url: str | None = None) -> None:
+    """Remove files (or every file under a folder) from a collection, with their chunks.
+
+    Args:
+        paths: files or folders, as they were ingested.
+        collection: the collection to remove them from.
+        database_url: the database (default: settings, sqlite:///./mini_claude.db).
+    """
+    from mini_claude.cli import UserError
+    from mini_claude.rag.store import CollectionError
+
+    try:
+        removed = _knowledge(database_url).remove(paths, collection)
+    except CollectionError as exc:
+        raise UserError(str(exc)) from None
+    for source in removed:
+        print(f"removed {source}")
+    if not removed:
+        raise UserError(f"none of {', '.join(paths)} is in collection {collection!r}")
+
+
+def collections(database_url: str | None = None) -> None:
+    """List the collections with their document and chunk counts.
+
+    Args:
+        database_url: the database (default: settings, sqlite:///./mini_claude.db).
+    """
+    from mini_claude.db import session_scope
+    from mini_claude.rag import store
+
+    knowledge = _knowledge(database_url)
+    with session_scope(knowledge.db) as session:
+        for c in store.list_collections(session):
+            n_docs = len(store.list_documents(session, c.id))
+            print(f"{c.name:24} {n_docs:6} files {store.count_chunks(session, c.id):8} chunks  {c.embedder}")
+
+
+def eval_rag(
+    docs: str = "/usr/share/doc/python3.11/html/_sources",
+    corpus: Literal["gold", "all"] = "gold",
+    database_url: str = "sqlite:///./rag-eval.db",
+    collection: str = "python-docs",
+    max_questions: int | None = None,
+    dense: Dense = "auto",
+    chart: str | None = None,
+    json: bool = False,
+) -> None:
+    """Measure retrieval on the Python docs: hit@1/5/10 and MRR of keyword, dense and hybrid search over 120
+    questions with gold spans, ingestion throughput, and search latency (p50/p95).
+
+    Needs Debian's python3.11-doc (apt-get install python3.11-doc). Ingestion is idempotent: a second run on the
+    same database only searches.
+
+    Args:
+        docs: the reST sources of the Python documentation.
+        corpus: gold (the 40 files that hold the answers) or all (every source file, ~20k chunks).
+        database_url: where the evaluation's collection is stored (its own SQLite file by default).
+        collection: the collection name.
+        max_questions: evaluate only the first N questions (a quick check).
+        dense: the dense index: exact, hnsw, or auto.
+        chart: write a PNG bar chart of the results here.
+        json: print the figures as one JSON object.
+    """
+    from mini_claude.cli import UserError
+    from mini_claude.rag import evaluate as ev
+
+    root = Path(docs)
+    if not root.is_dir():
+        raise UserError(f"{docs} is missing: apt-get install python3.11-doc")
+    try:
+        questions = ev.load_questions(docs=root)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    questions = questions[:max_questions] if max_questions else questions
+    knowledge = _knowledge(database_url, dense)
+    report = knowledge.ingest(
+        ev.corpus_files(questions, root, corpus), collection, progress=not json and sys.stderr.isatty(),
+        on_error=lambda source, reason: print(f"skipped {source}: {reason}", file=sys.stderr),
+    )  # fmt: skip
+    results = ev.evaluate(knowledge, collection, questions, root)
+    from mini_claude.db import session_scope
+    from mini_claude.rag import store
+
+    with session_scope(knowledge.db) as session:
+        coll = store.get_collection(session, collection)
+        n_chunks = store.count_chunks(session, coll.id) if coll else 0
+    figures = {
+        "questions": len(questions), "corpus_chunks": n_chunks, "ingestion": ev.ingestion_figures(report),
+        "modes": {m: {"hit": {str(c): v for c, v in r.hits.items()}, "mrr": r.mrr, "latency_ms": r.latency_ms}
+                  for m, r in results.items()},
+    }  # fmt: skip
+    if chart:
+        ev.chart(results, Path(chart), f"Retrieval on the Python docs: {len(questions)} questions, {n_chunks} chunks")
+    if json:
+        print(json_lib.dumps(figures, indent=2))
+        return
+    ing = figures["ingestion"]
+    print(f"{len(questions)} questions over {n_chunks} chunks")
+    if ing["chunks"]:
+        print(f"ingestion: {ing['files']} files, {ing['chunks']} chunks in {ing['seconds']:.1f}s "
+              f"({ing['files_per_s']:.2f} files/s, {ing['chunks_per_s']:.1f} chunks/s)")  # fmt: skip
+    print(f"{'mode':8} {'hit@1':>6} {'hit@5':>6} {'hit@10':>6} {'MRR':>6} {'p50 ms':>7} {'p95 ms':>7}")
+    for mode, r in results.items():
+        print(f"{mode:8} {r.hits.get(1, 0):6.3f} {r.hits.get(5, 0):6.3f} {r.hits.get(10, 0):6.3f} {r.mrr:6.3f} "
+              f"{r.latency_ms.get('p50', 0):7.1f} {r.latency_ms.get('p95', 0):7.1f}")  # fmt: skip

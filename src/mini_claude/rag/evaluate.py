@@ -1,0 +1,130 @@
+"""Retrieval quality and speed on the Python documentation: hit@k and MRR for keyword, dense and hybrid search.
+
+The question set (`data/python_docs_questions.jsonl`, built by `scripts/make_rag_questions.py`) has 120
+questions over Debian's python3.11-doc reST sources, each with its gold file and character span: 50 of the
+Python FAQ's own questions (gold: the answering section) and 70 "Which function returns ...?" questions made
+from library entries (gold: the function's entry). A retrieved chunk is a hit when it comes from the gold file
+and its span overlaps the gold span; hit@k counts questions with a hit among the first k, MRR averages
+1 / rank of the first hit (0 when none in the top k).
+
+The corpus is the gold files (`corpus="gold"`, 40 files) or every reST source (`corpus="all"`, ~500 files,
+~20k chunks). Ingestion is idempotent, so a second run over the same database only searches.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mini_claude.rag.knowledge import IngestReport, Knowledge
+from mini_claude.rag.retrieve import MODES
+
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+QUESTIONS = Path(__file__).parent / "data" / "python_docs_questions.jsonl"
+KS = (1, 5, 10)
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    file: str  # relative to the docs folder
+    start: int
+    end: int
+    kind: str
+    answer: str | None = None
+    anchor: str = ""
+
+
+@dataclass
+class ModeResult:
+    hits: dict[int, float] = field(default_factory=dict)  # k -> fraction of questions with a hit in the top k
+    mrr: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p95 of one search (embedding included)
+
+
+def load_questions(path: Path = QUESTIONS, docs: Path = PYTHON_DOCS) -> list[Question]:
+    """The question set, checked against the docs on this machine (a gold span must still hold its anchor)."""
+    questions = [Question(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    for q in questions:
+        text = (docs / q.file).read_text()
+        if not text[q.start :].startswith(q.anchor):
+            raise ValueError(f"{q.id}: {docs / q.file} differs from the one the question set was made from")
+    return questions
+
+
+def is_hit(hit_source: str, start: int, end: int, q: Question, docs: Path) -> bool:
+    return Path(hit_source) == (docs / q.file).resolve() and start < q.end and end > q.start
+
+
+def evaluate(
+    knowledge: Knowledge,
+    collection: str,
+    questions: list[Question],
+    docs: Path = PYTHON_DOCS,
+    modes: tuple[str, ...] = MODES,
+    k: int = 10,
+) -> dict[str, ModeResult]:
+    results: dict[str, ModeResult] = {}
+    for mode in modes:
+        ranks: list[int | None] = []
+        latencies: list[float] = []
+        for q in questions:
+            start = time.perf_counter()
+            hits = knowledge.search(q.question, collection, k, mode)
+            latencies.append((time.perf_counter() - start) * 1e3)
+            found = [i for i, h in enumerate(hits, 1) if is_hit(h.source, h.start_char, h.end_char, q, docs)]
+            ranks.append(found[0] if found else None)
+        n = len(questions)
+        results[mode] = ModeResult(
+            hits={c: sum(1 for r in ranks if r is not None and r <= c) / n for c in KS if c <= k},
+            mrr=sum(1 / r for r in ranks if r is not None) / n,
+            latency_ms=percentiles(latencies[1:] or latencies),  # the first search loads the index
+        )
+    return results
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if len(values) < 2:
+        return {"p50": values[0], "p95": values[0]} if values else {}
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    return {"p50": statistics.median(values), "p95": cuts[18]}
+
+
+def corpus_files(questions: list[Question], docs: Path, corpus: str) -> list[Path]:
+    if corpus == "all":
+        return [docs]
+    return sorted({(docs / q.file) for q in questions})
+
+
+def ingestion_figures(report: IngestReport) -> dict[str, float]:
+    files = len(report.added) + len(report.updated)
+    seconds = max(report.seconds, 1e-9)
+    return {"files": files, "chunks": report.chunks, "seconds": report.seconds,
+            "files_per_s": files / seconds, "chunks_per_s": report.chunks / seconds}  # fmt: skip
+
+
+def chart(results: dict[str, ModeResult], path: Path, title: str) -> None:
+    """Grouped bars: hit@1/5/10 and MRR per search mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [f"hit@{c}" for c in KS] + ["MRR"]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(results)
+    for i, (mode, r) in enumerate(results.items()):
+        values = [r.hits.get(c, 0.0) for c in KS] + [r.mrr]
+        bars = ax.bar([x + i * width for x in range(len(metrics))], values, width, label=mode)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(metrics))], metrics)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

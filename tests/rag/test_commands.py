@@ -1,0 +1,69 @@
+"""The retrieval commands as a user runs them: ingest, search, remove-file, collections, eval-rag."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mini_claude.__main__ import main
+
+pytestmark = pytest.mark.one_thread
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_ingest_search_remove(capsys: pytest.CaptureFixture[str], corpus: Path, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    (corpus / "notes.docx").write_bytes(b"PK not a zip")
+    code, out, err = run(capsys, "ingest", str(corpus / "cooking"), str(corpus / "space"), str(corpus / "notes.docx"),
+                         "--collection", "kb", "--database-url", url)  # fmt: skip
+    assert code == 0
+    assert out.startswith("kb: added 4, updated 0, deleted 0, skipped 0, failed 1;")
+    assert err.count("\n") == 1 and "notes.docx: cannot read docx" in err  # one line for the unreadable file
+
+    code, out, _ = run(capsys, "ingest", str(corpus / "cooking"), "--collection", "kb", "--database-url", url, "--json")
+    assert json.loads(out)["skipped"] == 2
+
+    code, out, _ = run(capsys, "search", "largest planet gas giant", "--collection", "kb", "--database-url", url,
+                       "--json", "--k", "2")  # fmt: skip
+    hits = json.loads(out)
+    assert code == 0 and hits[0]["filename"] == "planets.rst" and hits[0]["heading"].startswith("Planets")
+    assert {"chunk_id", "start_char", "end_char", "page", "score", "ranks", "source"} <= set(hits[0])
+
+    code, out, _ = run(capsys, "search", "bread", "--collection", "kb", "--database-url", url)
+    assert out.startswith(f"[1] {(corpus / 'cooking' / 'bread.md').resolve()}") and "Baking bread" in out
+
+    code, out, _ = run(capsys, "remove-file", str(corpus / "space"), "--collection", "kb", "--database-url", url)
+    assert code == 0 and out.count("removed ") == 2
+    code, out, _ = run(capsys, "collections", "--database-url", url)
+    assert out.split()[:5] == ["kb", "2", "files", "3", "chunks"] or out.split()[:3] == ["kb", "2", "files"]
+
+    code, _, err = run(capsys, "search", "x", "--collection", "nope", "--database-url", url)
+    assert (
+        code == 1
+        and err.strip() == "mini-claude: error: no collection named 'nope'; create it with `mini-claude ingest`"
+    )
+
+
+def test_eval_rag_on_a_few_questions(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from mini_claude.rag.evaluate import PYTHON_DOCS, load_questions
+
+    if not PYTHON_DOCS.is_dir():
+        pytest.skip("python3.11-doc is not installed (.ci/run installs it)")
+    questions = load_questions()
+    assert len(questions) >= 100 and len({q.file for q in questions}) >= 30
+    code, out, _ = run(capsys, "eval-rag", "--max-questions", "3", "--database-url", f"sqlite:///{tmp_path / 'e.db'}",
+                       "--json", "--chart", str(tmp_path / "chart.png"))  # fmt: skip
+    figures = json.loads(out)
+    assert code == 0 and figures["questions"] == 3 and figures["corpus_chunks"] > 10
+    assert set(figures["modes"]) == {"hybrid", "keyword", "dense"}
+    for mode in figures["modes"].values():
+        assert 0 <= mode["hit"]["1"] <= mode["hit"]["5"] <= mode["hit"]["10"] <= 1
+    assert figures["modes"]["hybrid"]["hit"]["10"] >= 2 / 3
+    assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"

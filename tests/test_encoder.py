@@ -1,0 +1,106 @@
+"""The BERT sentence encoder against references: transformers' BertModel on random weights (through our real
+name converter), sentence-transformers on the bundled all-MiniLM-L6-v2, and its own written-out attention."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mini_claude.encoder import BertEncoder, Encoder, EncoderConfig, convert_hf_state_dict, model_dir
+
+pytestmark = pytest.mark.one_thread
+TEXTS = [
+    "Hello world",
+    "How do I open a file for reading in Python?",
+    "The quick brown fox jumps over the lazy dog. " * 40,  # ~400 word pieces: cut at the 256-piece window
+    "a",
+    "Résumé: naïve café, façade, coöperate.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Encoder:
+    return Encoder.load()
+
+
+def tiny_hf_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=40, layer_norm_eps=1e-12, attn_implementation="eager",
+    )  # fmt: skip
+    model = BertModel(config, add_pooling_layer=True).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a mis-mapped tensor shows
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model, config
+
+
+def ours_from(hf_model, config) -> BertEncoder:
+    ours = BertEncoder(EncoderConfig(
+        vocab_size=config.vocab_size, dim=config.hidden_size, n_layer=config.num_hidden_layers,
+        n_head=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        max_seq_len=config.max_position_embeddings, norm_eps=config.layer_norm_eps,
+    ))  # fmt: skip
+    missing, unexpected = ours.load_state_dict(convert_hf_state_dict(hf_model.state_dict()), strict=False)
+    assert not missing and not unexpected
+    return ours.eval()
+
+
+def test_hidden_states_equal_transformers_bert_on_random_weights() -> None:
+    hf, config = tiny_hf_bert()
+    ours = ours_from(hf, config)
+    ids = torch.randint(1, 64, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0  # a padded row
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
+def test_written_out_attention_agrees_with_sdpa() -> None:
+    hf, config = tiny_hf_bert(seed=1)
+    ours = ours_from(hf, config)
+    ids = torch.randint(1, 64, (2, 9))
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5])
+    with torch.no_grad():
+        fast = ours.sentence_embedding(ids, mask)
+        for layer in ours.layers:
+            layer.self_attn.record_weights = True
+        slow = ours.sentence_embedding(ids, mask)
+    torch.testing.assert_close(slow, fast, atol=1e-6, rtol=1e-5)
+    weights = ours.layers[0].self_attn.last_weights  # (B, nh, T, T): padding keys get no weight
+    assert weights is not None and float(weights[1, :, :, 4:].abs().max()) == 0.0
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 9))
+
+
+def test_embeddings_equal_sentence_transformers(minilm: Encoder) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    reference = sentence_transformers.SentenceTransformer(str(model_dir()), device="cpu")
+    expected = reference.encode(TEXTS, convert_to_tensor=True, batch_size=2)
+    got = minilm.embed(TEXTS, batch_size=2)
+    assert got.shape == (len(TEXTS), 384)
+    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(TEXTS)))
+
+
+def test_batching_and_padding_do_not_change_an_embedding(minilm: Encoder) -> None:
+    alone = torch.cat([minilm.embed([t]) for t in TEXTS])
+    together = minilm.embed(TEXTS, batch_size=len(TEXTS))  # one batch padded to the longest
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    assert minilm.count_tokens(TEXTS[2]) > minilm.config.max_length == 256
+    assert minilm.embed([]).shape == (0, 384)
+
+
+def test_similar_sentences_are_closer_than_unrelated_ones(minilm: Encoder) -> None:
+    a, b, c = minilm.embed(["How do I read a file?", "Opening and reading files", "The weather is sunny today"])
+    assert float(a @ b) > float(a @ c) + 0.2
