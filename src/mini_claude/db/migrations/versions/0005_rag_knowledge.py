@@ -1,7 +1,7 @@
 """Knowledge collections of retrieval (collections, documents, chunks with vectors, keyword indexes) and uploads.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-02
 """
 
@@ -19,8 +19,8 @@ from mini_claude.db.models import (
     in_list_check,
 )
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
