@@ -7,7 +7,8 @@ Design choices:
 - Every error leaves in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: validation
   errors (including malformed JSON) are 400 `invalid_request_error`, as OpenAI answers them, not FastAPI's
   422; unknown paths and methods keep their 404/405; anything unexpected is a 500 with a generic message
-  (the traceback goes to the log, never to the client).
+  (the traceback goes to the log, never to the client). KServe V2 routes answer `{"error": "..."}`, as
+  that protocol specifies.
 - With API keys set, the web UI at /ui asks for one too: a browser cannot add a bearer header to the page's
   own requests, so the UI accepts HTTP Basic auth (any user name, an API key as the password), for which
   browsers show a login prompt and then send with every request of the page.
@@ -38,6 +39,7 @@ from mini_claude.server import routes
 from mini_claude.server.errors import APIError, validation_error
 from mini_claude.server.fine_tunes import FineTuneService
 from mini_claude.server.metrics import Metrics
+from mini_claude.server.predict import PredictService
 from mini_claude.server.protocol import ErrorDetail, ErrorResponse
 from mini_claude.server.service import ChatService
 from mini_claude.settings import Settings
@@ -62,6 +64,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     service = ChatService(settings, Metrics())
     fine_tunes = FineTuneService(service)
+    predict = PredictService(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,9 +74,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await anyio.to_thread.run_sync(init_db, database)
             service.start(loaded, database)
             await anyio.to_thread.run_sync(fine_tunes.start)
+            await anyio.to_thread.run_sync(predict.start)
             log.info("serving %s (context %d)", ", ".join(service.model_ids), loaded.context_window)
             yield
         finally:
+            await anyio.to_thread.run_sync(predict.stop)
             await anyio.to_thread.run_sync(fine_tunes.stop)
             service.stop()
             database.dispose()
@@ -84,6 +89,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )  # fmt: skip
     app.state.service = service
     app.state.fine_tunes = fine_tunes
+    app.state.predict = predict
     app.state.settings = settings
     for router in routes.ROUTERS:
         app.include_router(router)
