@@ -3,7 +3,7 @@
 Usage: python scripts/generate_dashboard.py [--check]   (--check: exit 1 if the file on disk is out of date)
 
 The dashboard is generated, as vLLM generates its own (`tools/generate_grafana_dashboards.py`), so it cannot
-drift from the metric names: `tests/deploy/test_monitoring.py` checks that the file equals this script's
+drift from the metric names: `tests/server/test_monitoring.py` checks that the file equals this script's
 output, that every query parses (promql-parser) and that every metric it names is one a live server exposes.
 A panel per area of the server: traffic, errors, latency, generation, the scheduler, the KV cache, adapters
 and fine-tunes, voice, predictions. Areas without metrics on this server (retrieval) have no panel.

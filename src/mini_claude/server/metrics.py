@@ -12,8 +12,8 @@ Design choices:
   updates them between steps); a collector reads them at scrape time instead of copying them on every step.
 - Names follow Prometheus' conventions (https://prometheus.io/docs/practices/naming/): a `mini_claude_` prefix,
   base units in the name (`_seconds`, `_bytes`), counters exposed with `_total`, no colons (those are for
-  recording rules, `deploy/prometheus/rules.yml`). `tests/server/test_monitoring.py` lints the exposition
-  with `promtool check metrics` and checks these rules, and `deploy/grafana/generate_dashboard.py` builds
+  recording rules, `deploy/rules.yml`). `tests/server/test_monitoring.py` lints the exposition
+  with `promtool check metrics` and checks these rules, and `scripts/generate_dashboard.py` builds
   the dashboard from the names exposed, so a rename cannot leave a panel behind.
 - Nothing here knows FastAPI: the app's middleware calls `observe_request`.
 """
