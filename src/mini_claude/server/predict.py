@@ -35,6 +35,7 @@ from mini_claude.db import crud, session_scope
 from mini_claude.predict import ModelCache, ModelLoadError, ModelNotFoundError, SklearnModel
 from mini_claude.server.errors import APIError, invalid
 from mini_claude.server.protocol.predict import (
+    MAX_INSTANCES,
     InferRequest,
     InferResponse,
     ModelIndex,
@@ -153,7 +154,9 @@ class PredictService:
             model = await anyio.to_thread.run_sync(self._model, name)
             try:
                 out = await anyio.to_thread.run_sync(model.predict, instances)
-            except (ValueError, TypeError) as exc:  # instances of the wrong shape or type for this model
+            # Instances of the wrong shape or type for this model: scikit-learn says so with one of these (a text
+            # pipeline given numbers fails on `.lower()`, a tabular one given text on the float conversion).
+            except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
                 raise invalid(f"The model '{name}' cannot take these instances: {exc}", "instances") from None
         except APIError:
             self.metrics.observe_prediction(name, protocol, "error", 0, time.perf_counter() - start)
@@ -263,6 +266,8 @@ def _instances(tensor: Tensor) -> list[Any]:
     size = math.prod(tensor.shape) if tensor.shape else 0
     if not tensor.shape or size != len(flat):
         raise invalid(f"inputs[0]: shape {tensor.shape} holds {size} values, but data has {len(flat)}.")
+    if size == 0 or not 1 <= tensor.shape[0] <= MAX_INSTANCES:
+        raise invalid(f"inputs[0]: the first dimension (the instances) must be 1 to {MAX_INSTANCES}.")
     if tensor.datatype == "BYTES":
         if not all(isinstance(v, str) for v in flat):
             raise invalid("inputs[0]: BYTES data must be strings.")
