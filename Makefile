@@ -6,9 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 
-.PHONY: setup serve chat test test-fast lint format bench bench-setup clean
+.PHONY: setup install serve chat test test-fast coverage lint format bench bench-setup clean
 
 setup: $(STAMP)
+
+# `make install` is the CI workflow's name for the same step.
+install: setup
 
 $(STAMP): pyproject.toml $(wildcard src/mini_claude/kernels/csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +44,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# Line coverage of the package over the whole suite (the figure in the README); coverage.xml for tools.
+coverage: setup
+	$(PY) -m pytest --cov=mini_claude --cov-report=term --cov-report=xml:coverage.xml
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -59,4 +66,4 @@ bench: bench-setup
 	$(PY) bench/bench_engine.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .coverage coverage.xml

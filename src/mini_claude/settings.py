@@ -61,6 +61,14 @@ class Settings(BaseSettings):
     fine_tune_dir: str = Field(
         "./fine-tunes", description="Where jobs from POST /v1/fine-tunes write their runs (one dir per job)."
     )
+    models_dir: str | None = Field(
+        "./models",
+        description="scikit-learn models (*.skops) served by /predict and KServe V2 beside the bundled ones, "
+        "by file name; a changed file is reloaded on its next request.",
+    )
+    prediction_log_queue: int = Field(
+        10_000, ge=1, description="Predictions waiting to be written to the database; beyond it they are dropped."
+    )
 
     # ----------------------------------------------------------------------------------------- voice
     tts_engine: Literal["hibari", "espeak-ng", "piper", "elevenlabs"] = Field(

@@ -178,3 +178,9 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def live_server() -> type[LiveServer]:
+    """The `LiveServer` class, for module-scoped servers with settings of their own."""
+    return LiveServer

@@ -14,7 +14,7 @@ Typical use::
 
 from . import crud
 from .crud import NotFoundError
-from .models import JOB_STATUSES, ROLES, Base, Conversation, FineTuneJob, Message
+from .models import JOB_STATUSES, ROLES, Base, Conversation, FineTuneJob, Message, Prediction
 from .session import (
     DEFAULT_URL,
     current_revision,
@@ -36,6 +36,7 @@ __all__ = [
     "FineTuneJob",
     "Message",
     "NotFoundError",
+    "Prediction",
     "crud",
     "current_revision",
     "downgrade_db",

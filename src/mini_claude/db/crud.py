@@ -11,8 +11,10 @@ Design choices:
   retried or re-streamed reply never appears twice). The conversation row is updated *first* (taking its row
   lock on PostgreSQL; on SQLite every transaction already holds the write lock), so a concurrent writer with
   the same key waits and then sees the stored message instead of racing it to the unique index.
-- Lists are paginated with limit/offset: newest first for conversations (by last activity) and jobs, oldest
-  first for messages (conversation order, by `seq`).
+- Lists are paginated with limit/offset: newest first for conversations (by last activity), jobs and
+  predictions, oldest first for messages (conversation order, by `seq`).
+- Predictions are written in batches (`add_predictions`): the server's log writer drains its queue into one
+  INSERT per batch, so a burst of requests costs a few transactions, not one each.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .models import (
     Conversation,
     FineTuneJob,
     Message,
+    Prediction,
     utcnow,
 )
 
@@ -380,3 +383,34 @@ def update_fine_tune_job(
     job.updated_at = utcnow()
     session.flush()
     return job
+
+
+# ------------------------------------------------------------------------------------------------- predictions
+
+
+def add_predictions(session: Session, rows: list[dict[str, Any]]) -> list[Prediction]:
+    """Store logged predictions; each row has the `Prediction` columns (`id` and `created_at` optional)."""
+    now = utcnow()
+    predictions = [Prediction(**{"created_at": now, **row}) for row in rows]
+    session.add_all(predictions)
+    session.flush()
+    return predictions
+
+
+def list_predictions(
+    session: Session,
+    *,
+    model: str | None = None,
+    request_id: str | None = None,
+    limit: int = 20,
+    offset: int = 0,
+) -> list[Prediction]:
+    """One page of logged predictions, newest first, optionally of one model or one request id."""
+    _check_page(limit, offset)
+    query = select(Prediction)
+    if model is not None:
+        query = query.where(Prediction.model == model)
+    if request_id is not None:
+        query = query.where(Prediction.request_id == request_id)
+    query = query.order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(limit).offset(offset)
+    return list(session.scalars(query))

@@ -1,4 +1,4 @@
-"""Tables of the store: conversations, their messages, fine-tuning jobs, and the knowledge collections of retrieval.
+"""Tables of the store: conversations, their messages, fine-tuning jobs, knowledge collections, predictions.
 
 Design choices:
 - Typed SQLAlchemy 2 declarative models (`Mapped[...]`), one flat module (it stays far below the size at which
@@ -325,3 +325,31 @@ for _dialect, _statements in KEYWORD_INDEX_DDL.items():
 for _dialect, _statements in KEYWORD_INDEX_DROP.items():
     for _statement in _statements:
         event.listen(KnowledgeChunk.__table__, "before_drop", DDL(_statement).execute_if(dialect=_dialect))
+
+
+class Prediction(Base):
+    """One request to a served scikit-learn model: what came in, what went out, which model file, how long.
+
+    One row per request (not per instance), as KServe's request logger records a request with its response:
+    `inputs` is the list of instances and `outputs` holds the labels and probabilities in the same order.
+    """
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        Index("ix_predictions_created_at", "created_at"),
+        Index("ix_predictions_model_created_at", "model", "created_at"),
+        Index("ix_predictions_request_id", "request_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    request_id: Mapped[str] = mapped_column(Text, nullable=False)
+    protocol: Mapped[str] = mapped_column(String(16), nullable=False)  # "v1" (/predict) or "v2" (KServe V2)
+    model: Mapped[str] = mapped_column(Text, nullable=False)
+    model_version: Mapped[str] = mapped_column(Text, nullable=False)  # the file's sha256 prefix
+    inputs: Mapped[list[Any]] = mapped_column(JSON, nullable=False)
+    outputs: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Prediction(id={self.id!r}, model={self.model!r}, request_id={self.request_id!r})"

@@ -13,6 +13,7 @@ Design choices:
   cannot add a bearer header to a page's own requests, so these accept HTTP Basic auth as well (any user name,
   an API key as the password), for which browsers show a login prompt and then send with every request of
   the page (Swagger's fetch of /openapi.json included). Only /health stays open, for probes.
+  KServe V2 routes answer `{"error": "..."}`, as that protocol specifies.
 - Request bodies over `max_request_bytes` are refused with a 413 before anything parses them (`limits.py`).
 - Request metrics come from a small ASGI middleware that reads the matched route's template after routing,
   so streamed responses are timed to their last byte.
@@ -43,6 +44,7 @@ from mini_claude.server.files import FileService
 from mini_claude.server.fine_tunes import FineTuneService
 from mini_claude.server.limits import BodyLimitMiddleware
 from mini_claude.server.metrics import Metrics
+from mini_claude.server.predict import PredictService
 from mini_claude.server.protocol import ErrorDetail, ErrorResponse
 from mini_claude.server.service import ChatService
 from mini_claude.server.vector_stores import VectorStoreService
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     fine_tunes = FineTuneService(service)
     files = FileService(service)
     vector_stores = VectorStoreService(service, files)
+    predict = PredictService(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,9 +82,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await anyio.to_thread.run_sync(init_db, database)
             service.start(loaded, database)
             await anyio.to_thread.run_sync(fine_tunes.start)
+            await anyio.to_thread.run_sync(predict.start)
             log.info("serving %s (context %d)", ", ".join(service.model_ids), loaded.context_window)
             yield
         finally:
+            await anyio.to_thread.run_sync(predict.stop)
             await anyio.to_thread.run_sync(fine_tunes.stop)
             vector_stores.stop()
             service.stop()
@@ -94,6 +99,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.service = service
     app.state.fine_tunes = fine_tunes
     app.state.files, app.state.vector_stores = files, vector_stores
+    app.state.predict = predict
     app.state.settings = settings
     for router in routes.ROUTERS:
         app.include_router(router)

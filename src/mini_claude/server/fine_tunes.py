@@ -90,6 +90,7 @@ class FineTuneService:
         except JobError as exc:
             param = "training_data" if req.training_data is not None else "training_file"
             raise invalid(str(exc), param) from None
+        self.chat.metrics.fine_tunes.inc()
         return _job(job)
 
     async def get(self, job_id: str) -> FineTuneJob:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one app: HTTP traffic, generation speed and the scheduler's state.
+"""Prometheus metrics of one app: HTTP traffic, generation speed, the scheduler's state, voice, predictions.
 
 Design choices:
 - A `CollectorRegistry` per app instead of prometheus-client's global one: tests (and anyone embedding the
@@ -10,6 +10,11 @@ Design choices:
   token counts), the same numbers the CLI's `--json` prints. Scheduler gauges are read at scrape time.
 - The prefix cache, KV-cache memory and the response cache keep their own counters (the scheduler thread
   updates them between steps); a collector reads them at scrape time instead of copying them on every step.
+- Names follow Prometheus' conventions (https://prometheus.io/docs/practices/naming/): a `mini_claude_` prefix,
+  base units in the name (`_seconds`, `_bytes`), counters exposed with `_total`, no colons (those are for
+  recording rules, `deploy/rules.yml`). `tests/server/test_monitoring.py` lints the exposition
+  with `promtool check metrics` and checks these rules, and `scripts/generate_dashboard.py` builds
+  the dashboard from the names exposed, so a rename cannot leave a panel behind.
 - Nothing here knows FastAPI: the app's middleware calls `observe_request`.
 """
 
@@ -32,6 +37,23 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 AUDIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
+PREDICT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _ModelCacheCollector(Collector):
+    """The prediction model cache's counters (`predict.ModelCache`), read at scrape time."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        stats = self.cache.stats
+        for name, value, doc in (
+            ("hits", stats.hits, "Model lookups answered by an already loaded, unchanged file."),
+            ("loads", stats.loads, "Model files loaded (at start, when new, or when changed)."),
+            ("load_failures", stats.failures, "Model files that failed to load."),
+        ):
+            yield CounterMetricFamily(f"mini_claude_model_cache_{name}", doc, value=value)
 
 
 class _AudioCacheCollector(Collector):
@@ -99,11 +121,35 @@ class Metrics:
         self.transcribed = Counter(
             "mini_claude_transcription_audio_seconds", "Seconds of audio transcribed.", registry=r
         )
+        self.predictions = Counter(
+            "mini_claude_prediction_requests", "Prediction requests by model, protocol (v1: /predict, v2: KServe V2) "
+            "and status.", ["model", "protocol", "status"], registry=r,
+        )  # fmt: skip
+        self.predicted = Counter(
+            "mini_claude_prediction_instances", "Instances predicted, by model.", ["model"], registry=r
+        )
+        self.predict_latency = Histogram(
+            "mini_claude_prediction_duration_seconds", "Time to load (when changed) and run a model on a request.",
+            ["model"], buckets=PREDICT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.adapters = Gauge("mini_claude_adapters_loaded", "LoRA adapters served beside the base model.", registry=r)
+        self.fine_tunes = Counter(
+            "mini_claude_fine_tune_jobs_submitted", "Fine-tuning jobs accepted by POST /v1/fine-tunes.", registry=r
+        )
+        self.prediction_log = Counter(
+            "mini_claude_prediction_log_rows", "Logged predictions by outcome (written to the database, or dropped).",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self._audio_cache_watched = False
+        self._model_cache_watched = False
 
     def watch_cache(self, scheduler: Callable[[], SchedulerStats], responses: Callable[[], ResponseCacheStats]) -> None:
         """Report the prefix cache, KV-cache memory and the response cache from their own counters at scrape time."""
         self.registry.register(_CacheCollector(scheduler, responses))
+
+    def watch_adapters(self, count: Callable[[], float]) -> None:
+        """Read the number of served adapters whenever /metrics is scraped."""
+        self.adapters.set_function(count)
 
     def watch_scheduler(self, waiting: Callable[[], float], running: Callable[[], float]) -> None:
         """Read the scheduler's queue depth and batch size whenever /metrics is scraped."""
@@ -140,6 +186,21 @@ class Metrics:
         if not run.cached:
             self.speech_audio.labels(engine).inc(run.audio_seconds)
             self.speech_work.labels(engine).inc(run.synthesis_seconds)
+
+    def observe_prediction(self, model: str, protocol: str, status: str, instances: int, seconds: float) -> None:
+        self.predictions.labels(model, protocol, status).inc()
+        if status == "ok":
+            self.predicted.labels(model).inc(instances)
+            self.predict_latency.labels(model).observe(seconds)
+
+    def observe_prediction_log(self, outcome: str, rows: int = 1) -> None:
+        self.prediction_log.labels(outcome).inc(rows)
+
+    def watch_model_cache(self, cache: Any) -> None:
+        """Export the prediction model cache's hits, loads and failures (once per app)."""
+        if not self._model_cache_watched:
+            self.registry.register(_ModelCacheCollector(cache))
+            self._model_cache_watched = True
 
     def observe_transcription(self, audio_seconds: float) -> None:
         self.transcribed.inc(audio_seconds)

@@ -70,6 +70,7 @@ class ChatService:
         sched = self.scheduler
         self.metrics.watch_scheduler(lambda: sched.stats.waiting, lambda: sched.stats.running)
         self.metrics.watch_cache(lambda: sched.stats, lambda: self.responses.stats)
+        self.metrics.watch_adapters(lambda: len(engine.adapters.names))
         self.started_at = time.monotonic()
 
     def stop(self) -> None:

@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 from mini_claude.server.errors import APIError
 from mini_claude.server.fine_tunes import FineTuneService
 from mini_claude.server.generation import EventStream
+from mini_claude.server.predict import PredictService
 from mini_claude.server.protocol import ErrorResponse
 from mini_claude.server.service import ChatService
 
@@ -33,6 +34,13 @@ def get_fine_tunes(conn: HTTPConnection) -> FineTuneService:
 
 
 FineTunesDep = Annotated[FineTuneService, Depends(get_fine_tunes)]
+
+
+def get_predict(conn: HTTPConnection) -> PredictService:
+    return conn.app.state.predict
+
+
+PredictDep = Annotated[PredictService, Depends(get_predict)]
 
 
 def require_api_key(conn: HTTPConnection, service: ServiceDep) -> None:
