@@ -10,6 +10,8 @@ set -uo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 HOME_DIR="${LLAMA_CPP_HOME:-$HOME/.cache/mini-claude/llama.cpp}"
 PY="${PYTHON:-python3}"
+# The script changes directory: a relative interpreter path (make passes .venv/bin/python) must become absolute.
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 BIN="$HOME_DIR/build/bin"
 TOOLS=(llama-bench llama-server llama-perplexity llama-batched-bench)
 
