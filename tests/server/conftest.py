@@ -169,3 +169,9 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def serve_app() -> Callable[[FastAPI], LiveServer]:
+    """`LiveServer(app)` for module-scoped fixtures that build their own apps (they stop them themselves)."""
+    return LiveServer

@@ -1,4 +1,4 @@
-"""Tables of the conversation store: conversations, their messages, and fine-tuning jobs.
+"""Tables of the conversation store: conversations, their messages, fine-tuning jobs and agent definitions.
 
 Design choices:
 - Typed SQLAlchemy 2 declarative models (`Mapped[...]`), one flat module (it stays far below the size at which
@@ -42,6 +42,7 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 
 ID_LENGTH = 36  # str(uuid.uuid4())
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
+AGENT_NAME_MAX_LENGTH = 64
 
 
 def new_id() -> str:
@@ -172,3 +173,24 @@ class FineTuneJob(Base):
 
     def __repr__(self) -> str:
         return f"FineTuneJob(id={self.id!r}, status={self.status!r})"
+
+
+class Agent(Base):
+    """A named agent profile; `definition` is its whole definition as JSON (the package validates it).
+
+    `source` says where it came from (a YAML file's path, or None for the API and CLI), so a server that
+    re-reads its agents directory updates only what it loaded from there.
+    """
+
+    __tablename__ = "agents"
+    __table_args__ = (Index("uq_agents_name", "name", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(AGENT_NAME_MAX_LENGTH), nullable=False)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    source: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Agent(name={self.name!r})"

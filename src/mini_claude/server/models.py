@@ -1,18 +1,25 @@
-"""What a request's `model` may name: the base model and each LoRA adapter loaded on it.
+"""What a request's `model` may name: the base model, each LoRA adapter on it, `UPSTREAM/MODEL`, and agents.
 
 vLLM's convention: every adapter is a model of its own in `/v1/models`, with `parent` naming the base model
-and `root` the dir it came from. `select` maps a request's `model` to (model id, adapter); an unknown name
-is a 404 `model_not_found` that lists what is served.
+and `root` the dir it came from. Upstream models are listed as `UPSTREAM/MODEL` (`owned_by` the upstream)
+and agents by name (`owned_by` "agent", `parent` the model they run on). `route` maps a request's `model` to
+a `Route` (where the request goes, and the agent it names, if any); `select` is its local-only part. An
+unknown name is a 404 `model_not_found` that lists what is served. Names are looked up in that order: the
+served models, then `UPSTREAM/` prefixes, then agents (whose names can contain no "/" and may not shadow a
+served model).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mini_claude.agents import AgentSpec
 from mini_claude.server.errors import APIError
 from mini_claude.server.protocol import AdapterDetail, ModelCard, ModelDetail, ModelDetails, ModelList
+from mini_claude.upstream import Upstream
 
 if TYPE_CHECKING:
     from mini_claude.server.service import ChatService
@@ -20,16 +27,75 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Route:
+    """Where a request goes: the local engine (with an adapter or not) or an upstream, and its agent."""
+
+    model: str  # the id the client named: reported back as `model`, stored with the conversation
+    adapter: str | None = None
+    upstream: Upstream | None = None
+    upstream_model: str | None = None  # the model's name on the upstream (without the prefix)
+    agent: AgentSpec | None = None
+
+
 class ModelRegistry:
     def __init__(self, service: ChatService) -> None:
         self.service = service
         self._adapter_created: dict[str, int] = {}  # adapters loaded after start: when (for /v1/models)
+        self.upstreams = {c.name: Upstream(c) for c in service.settings.upstreams}
+
+    @property
+    def upstream_names(self) -> list[str]:
+        return list(self.upstreams)
+
+    def upstream_of(self, name: str) -> tuple[Upstream, str] | None:
+        """(upstream, its model name) for `UPSTREAM/MODEL`, or None if `name` has no upstream's prefix."""
+        prefix, slash, model = name.partition("/")
+        upstream = self.upstreams.get(prefix) if slash and model else None
+        return (upstream, model) if upstream is not None else None
+
+    def upstream_ids(self) -> list[tuple[Upstream, str]]:
+        return [(u, f"{u.name}/{m}") for u in self.upstreams.values() for m in u.models()]
 
     @property
     def ids(self) -> list[str]:
-        """What `model` may name: the base model, then each loaded adapter."""
+        """What `model` may name (the web UI's picker): the base model, adapters, upstream models, agents."""
         engine = self.service.engine
-        return [engine.name, *engine.adapters.names] if engine is not None else []
+        if engine is None:
+            return []
+        agents = self.service.agents.names() if self.service.db is not None else []
+        return [engine.name, *engine.adapters.names, *(i for _, i in self.upstream_ids()), *agents]
+
+    def _unknown(self, name: str) -> APIError:
+        return APIError(
+            404, f"The model '{name}' does not exist; this server serves {', '.join(map(repr, self.ids))}.",
+            param="model", code="model_not_found",
+        )  # fmt: skip
+
+    async def route(self, name: str | None) -> Route:
+        """Resolve a request's `model` (see the module docstring); agents are read from the database."""
+        engine, _, _ = self.service.ready()
+        if name is None or name == engine.name or name in engine.adapters:
+            model_id, adapter = self.select(name)
+            return Route(model_id, adapter)
+        if (found := self.upstream_of(name)) is not None:
+            upstream, model = found
+            if upstream.config.models is not None and model not in upstream.config.models:
+                raise self._unknown(name)
+            return Route(name, upstream=upstream, upstream_model=model)
+        spec = await self.service.db_call(self.service.agents.get_spec, name) if "/" not in name else None
+        if spec is None:
+            raise self._unknown(name)
+        try:
+            self.service.agents.check(spec)
+        except APIError as exc:  # e.g. its adapter is no longer served
+            raise APIError(400, f"The agent '{name}' cannot run here: {exc.message}", param="model",
+                           code="agent_unavailable") from None  # fmt: skip
+        target = spec.model
+        if spec.adapter is not None:
+            target = spec.adapter
+        inner = await self.route(target) if target is not None else Route(engine.name)
+        return Route(name, inner.adapter, inner.upstream, inner.upstream_model, spec)
 
     def select(self, name: str | None) -> tuple[str, str | None]:
         """(model id, adapter) for a request's `model`: None is the base model; adapters are models of their own."""
@@ -44,18 +110,25 @@ class ModelRegistry:
         )  # fmt: skip
 
     def list(self) -> ModelList:
-        """The base model and every loaded adapter, each a model."""
+        """The base model, every loaded adapter, the upstreams' models and the agents, each a model."""
         engine, _, _ = self.service.ready()
         started = int(time.time() - (time.monotonic() - self.service.started_at))
         cards = [ModelCard(id=engine.name, created=started)]
         for name in engine.adapters.names:
             created = self._adapter_created.get(name, started)
             cards.append(ModelCard(id=name, created=created, parent=engine.name, root=engine.adapters.info(name).path))
+        for upstream, model_id in self.upstream_ids():
+            cards.append(ModelCard(id=model_id, created=started, owned_by=upstream.name, root=upstream.base_url))
+        for spec in self.service.agents.specs():
+            cards.append(ModelCard(id=spec.name, created=started, owned_by="agent",
+                                   parent=spec.adapter or spec.model or engine.name))  # fmt: skip
         return ModelList(data=cards)
 
     def card(self, name: str) -> ModelCard:
-        model_id, _ = self.select(name)
-        return next(card for card in self.list().data if card.id == model_id)
+        found = next((card for card in self.list().data if card.id == name), None)
+        if found is None:
+            raise self._unknown(name)
+        return found
 
     def details(self) -> ModelDetails:
         engine, _, _ = self.service.ready()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from mini_claude.server.routes import audio, chat, conversations, fine_tunes, models, system
+from mini_claude.server.routes import agents, audio, chat, conversations, fine_tunes, models, system
 
 ROUTERS: list[APIRouter] = [system.public, system.router, chat.router, models.router, conversations.router,
-                            fine_tunes.router, audio.router]  # fmt: skip
+                            fine_tunes.router, audio.router, agents.router]  # fmt: skip

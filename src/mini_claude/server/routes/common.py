@@ -74,6 +74,8 @@ class SSEResponse(StreamingResponse):
 
 def respond(result: Any) -> Response:
     """A service result as a response: SSE for streams, JSON (with `X-Conversation-Id` when stored) otherwise."""
+    if isinstance(result, Response):  # the client left first (`unless_disconnected`'s 499)
+        return result
     if isinstance(result, EventStream):
         return SSEResponse(result)
     conversation_id = getattr(result, "conversation_id", None)
