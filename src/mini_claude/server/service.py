@@ -165,3 +165,13 @@ class ChatService:
 
     def load_adapter(self, path: str, name: str | None = None) -> ModelCard:
         return self.models.load_adapter(path, name)
+
+    def agent_voice(self, name: str | None) -> str | None:
+        """The voice of the agent `name` (the UI's play button prefers it), or None."""
+        if not name or self.db is None or "/" in name:
+            return None
+        try:
+            spec = self.agents.get_spec(name)
+        except (APIError, SQLAlchemyError):
+            return None
+        return spec.voice.voice if spec is not None and spec.voice is not None else None
