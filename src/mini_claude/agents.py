@@ -27,10 +27,10 @@ Design choices (see ../shared/reference/rag-agents.md, section 7):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 INT64 = 2**63
@@ -47,30 +47,35 @@ UNSUPPORTED = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
+    # Modelfile spellings accepted for our fields; renamed before validation, so errors name our field.
+    RENAMES: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
-    def _refuse_unsupported(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            for key in value:
-                if str(key).lower() in UNSUPPORTED:
-                    raise ValueError(f"{key}: not supported ({UNSUPPORTED[str(key).lower()]})")
-        return value
+    def _modelfile_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for key in value:
+            if str(key).lower() in UNSUPPORTED:
+                raise ValueError(f"{key}: not supported ({UNSUPPORTED[str(key).lower()]})")
+        renamed = {cls.RENAMES.get(k, k): v for k, v in value.items()}
+        if len(renamed) < len(value):
+            raise ValueError(f"{', '.join(k for k in value if k in cls.RENAMES)}: given twice (under two names)")
+        return renamed
 
 
 class AgentParams(_Strict):
     """Sampling defaults (Modelfile `PARAMETER`); each is used when a request leaves it out."""
 
+    RENAMES: ClassVar[dict[str, str]] = {"num_predict": "max_tokens", "repeat_penalty": "repetition_penalty"}
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float | None = Field(
-        None, ge=0.01, le=10.0, validation_alias=AliasChoices("repetition_penalty", "repeat_penalty")
-    )
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
-    max_tokens: int | None = Field(None, ge=1, validation_alias=AliasChoices("max_tokens", "num_predict"))
+    max_tokens: int | None = Field(None, ge=1)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -107,20 +112,17 @@ class Voice(_Strict):
 class AgentSpec(_Strict):
     """An agent's whole definition (what the API, the database and `agents/NAME.yaml` hold)."""
 
+    RENAMES: ClassVar[dict[str, str]] = {"from": "model", "parameters": "params", "parameter": "params",
+                                         "message": "messages"}  # fmt: skip
     name: str = Field(pattern=NAME_PATTERN, description="What requests put in `model`.")
     description: str | None = None
     model: str | None = Field(
-        None, min_length=1, validation_alias=AliasChoices("model", "from"),
-        description="The base model (default), an adapter's id, or UPSTREAM/MODEL.",
-    )  # fmt: skip
+        None, min_length=1, description="The base model (default), an adapter's id, or UPSTREAM/MODEL (`from`)."
+    )
     adapter: str | None = Field(None, min_length=1, description="A LoRA adapter the server serves, by name.")
     system: str | None = Field(None, description="The system prompt.")
-    messages: list[FewShot] = Field(
-        default_factory=list, max_length=MAX_FEW_SHOTS, validation_alias=AliasChoices("messages", "message")
-    )
-    params: AgentParams = Field(
-        default_factory=AgentParams, validation_alias=AliasChoices("params", "parameters", "parameter")
-    )
+    messages: list[FewShot] = Field(default_factory=list, max_length=MAX_FEW_SHOTS)
+    params: AgentParams = Field(default_factory=AgentParams)
     knowledge: list[str] = Field(
         default_factory=list, max_length=MAX_COLLECTIONS, description="Collections (vector store ids) to answer from."
     )
@@ -146,13 +148,15 @@ class AgentSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> AgentSpec:
-        if self.adapter is not None and self.model is not None and "/" in self.model:
+        if self.adapter is not None and self.upstream:
             raise ValueError("adapter: an upstream model cannot take a local LoRA adapter")
         return self
 
     @property
     def upstream(self) -> bool:
-        return self.model is not None and "/" in self.model
+        """Whether `model` is UPSTREAM/MODEL (`mini-claude chat --agent` also takes a model file's path)."""
+        m = self.model
+        return m is not None and "/" in m and not m.startswith(("/", ".", "~")) and not Path(m).exists()
 
     def sampling(self) -> dict[str, Any]:
         """The sampling defaults the agent sets, by the API's field names (what `merge` fills in)."""
