@@ -27,10 +27,10 @@ Design choices (see ../shared/reference/rag-agents.md, section 7):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 INT64 = 2**63
@@ -44,6 +44,17 @@ UNSUPPORTED = {
     "license": "not part of an agent here",
     "requires": "not part of an agent here",
 }
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text is not valid Unicode (it contains a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # JSON may carry lone surrogates; no store or model can
 
 
 class _Strict(BaseModel):
@@ -74,7 +85,7 @@ class AgentParams(_Strict):
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
-    stop: list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop: list[Text] | None = Field(None, max_length=MAX_STOP_STRINGS)
     max_tokens: int | None = Field(None, ge=1)
 
     @field_validator("stop", mode="before")
@@ -87,7 +98,7 @@ class FewShot(_Strict):
     """One example message (Modelfile `MESSAGE role content`)."""
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class Retrieval(_Strict):
@@ -99,13 +110,13 @@ class Retrieval(_Strict):
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion's k.")
     score_threshold: float | None = Field(None, ge=0.0)
     citations: Literal["required", "optional", "off"] = "optional"
-    refusal: str | None = Field(None, description="The answer when nothing relevant is found.")
+    refusal: Text | None = Field(None, description="The answer when nothing relevant is found.")
 
 
 class Voice(_Strict):
     """The voice `/v1/audio/speech` and the web UI's play button use for this agent."""
 
-    voice: str = Field(min_length=1, description="A voice id from GET /v1/audio/voices, e.g. hibari:heart.")
+    voice: Text = Field(min_length=1, description="A voice id from GET /v1/audio/voices, e.g. hibari:heart.")
     speed: float | None = Field(None, ge=0.25, le=4.0)
 
 
@@ -114,16 +125,16 @@ class AgentSpec(_Strict):
 
     RENAMES: ClassVar[dict[str, str]] = {"from": "model", "parameters": "params", "parameter": "params",
                                          "message": "messages"}  # fmt: skip
-    name: str = Field(pattern=NAME_PATTERN, description="What requests put in `model`.")
-    description: str | None = None
-    model: str | None = Field(
+    name: Text = Field(pattern=NAME_PATTERN, description="What requests put in `model`.")
+    description: Text | None = None
+    model: Text | None = Field(
         None, min_length=1, description="The base model (default), an adapter's id, or UPSTREAM/MODEL (`from`)."
     )
-    adapter: str | None = Field(None, min_length=1, description="A LoRA adapter the server serves, by name.")
-    system: str | None = Field(None, description="The system prompt.")
+    adapter: Text | None = Field(None, min_length=1, description="A LoRA adapter the server serves, by name.")
+    system: Text | None = Field(None, description="The system prompt.")
     messages: list[FewShot] = Field(default_factory=list, max_length=MAX_FEW_SHOTS)
     params: AgentParams = Field(default_factory=AgentParams)
-    knowledge: list[str] = Field(
+    knowledge: list[Text] = Field(
         default_factory=list, max_length=MAX_COLLECTIONS, description="Collections (vector store ids) to answer from."
     )
     retrieval: Retrieval = Field(default_factory=Retrieval)

@@ -63,7 +63,10 @@ class ModelRegistry:
         engine = self.service.engine
         if engine is None:
             return []
-        agents = self.service.agents.names() if self.service.db is not None else []
+        try:
+            agents = self.service.agents.names() if self.service.db is not None else []
+        except APIError:  # the database is down: the picker still lists what the engine serves
+            agents = []
         return [engine.name, *engine.adapters.names, *(i for _, i in self.upstream_ids()), *agents]
 
     def _unknown(self, name: str) -> APIError:
