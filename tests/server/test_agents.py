@@ -260,3 +260,20 @@ def test_an_agent_whose_adapter_is_gone_is_a_clear_400(client: TestClient, tmp_p
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "agent_unavailable"
     assert "no adapter 'gone'" in response.json()["error"]["message"]
+
+
+def test_the_ui_picker_lists_agents_and_its_chat_turn_uses_them(client: TestClient, served: Engine) -> None:
+    client.post("/v1/agents", json=AGENT)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    assert {"tiny", "tuned", "echo/m", "ada", "oneword"} <= set(service.model_ids)
+
+    async def turn() -> list[Any]:
+        return [e async for e in service.stream_reply("Who are you?", model="ada", max_tokens=5)]
+
+    events = asyncio.run(turn())
+    prompt = [{"role": "system", "content": SYSTEM}, *FEW_SHOTS, {"role": "user", "content": "Who are you?"}]
+    text = "".join(e.content for e in events if e.type == "token")
+    # The UI's own defaults (top_p 0.9, repetition penalty 1.1) apply where neither the turn nor the agent says.
+    assert text == reference(served, prompt, "tuned", temperature=0, max_new_tokens=5, top_p=0.9,
+                             repetition_penalty=1.1)  # fmt: skip
+    assert events[-1].type == "done"

@@ -219,7 +219,7 @@ class AgentService:
     def apply(req: BaseModel, spec: AgentSpec) -> Any:
         """`req` with the agent's sampling defaults filled in where the request set nothing: the request's own
         fields always win (the merge rule of agents.py); the server's defaults apply after, as always."""
-        given = req.model_fields_set
+        given = {k for k in req.model_fields_set if getattr(req, k) is not None}  # an explicit null sets nothing
         fill = {k: v for k, v in spec.sampling().items() if k not in given and k in type(req).model_fields}
         if "max_tokens" in fill and "max_completion_tokens" in given:
             del fill["max_tokens"]

@@ -184,10 +184,10 @@ class RemoteChat:
             status = exc.status
             raise
         finally:
-            await stream.aclose()
-            self._observe(name, status, start, outcome)
-            if status != 200 and job.conversation_id is not None and outcome.text:
-                with anyio.CancelScope(shield=True):  # the request may be being cancelled; this store must finish
+            with anyio.CancelScope(shield=True):  # the request may be being cancelled; this must still finish
+                await stream.aclose()
+                self._observe(name, status, start, outcome)
+                if status != 200 and job.conversation_id is not None and outcome.text:
                     await self._store_reply(job, outcome, final=False)
         await self._store_reply(job, outcome, final=True)
 
