@@ -96,6 +96,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pydantic import ValidationError
 
     from mini_claude.adapters import AdapterError
+    from mini_claude.agents import AgentError
     from mini_claude.chat.memory import ConversationFileError
     from mini_claude.checkpoint import CheckpointError
     from mini_claude.eval.evaluate import EvaluationError
@@ -105,7 +106,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ArgumentError, ValidationError, CheckpointError, ContextOverflowError, ConversationFileError, cli.UserError,
-        DataError, TrainingError, EvaluationError, AdapterError,
+        DataError, TrainingError, EvaluationError, AdapterError, AgentError,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
+from mini_claude.agent_commands import COMMANDS as AGENT_COMMANDS
 from mini_claude.catalog import BUNDLED_NAME, bundled_model_path, list_models, resolve_model
 from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
@@ -89,14 +90,18 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}  # the server's chat UI's too
+
+
 def chat(
     model: str | None = None,
+    agent: str | None = None,
     system: str | None = None,
     max_tokens: int | None = None,
-    temperature: float = 0.2,
-    top_p: float = 0.9,
+    temperature: float | None = None,
+    top_p: float | None = None,
     top_k: int | None = None,
-    repetition_penalty: float = 1.1,
+    repetition_penalty: float | None = None,
     seed: int | None = None,
     max_turns: int | None = None,
     load: str | None = None,
@@ -112,12 +117,14 @@ def chat(
 
     Args:
         model: a .gguf file, a model dir, or a name from `mini-claude models` (default: settings, then bundled).
-        system: system prompt that opens the conversation.
-        max_tokens: most tokens per reply (default from settings).
-        temperature: randomness; 0 always picks the most likely token.
-        top_p: nucleus sampling threshold in (0, 1].
+        agent: chat with an agent (`agents/NAME.yaml` or `mini-claude agent list`): its model, adapter, system
+            prompt, few-shot messages and sampling defaults; flags given here override its values.
+        system: system prompt that opens the conversation (with --agent: added after the agent's).
+        max_tokens: most tokens per reply (default: the agent's, then settings).
+        temperature: randomness; 0 always picks the most likely token (default 0.2).
+        top_p: nucleus sampling threshold in (0, 1] (default 0.9).
         top_k: sample only among the k most likely tokens.
-        repetition_penalty: > 1 discourages repeating tokens already in the conversation.
+        repetition_penalty: > 1 discourages repeating tokens already in the conversation (default 1.1).
         seed: makes sampling repeatable.
         max_turns: most recent user turns kept in the context.
         load: a conversation JSON file (from /save) to continue.
@@ -126,17 +133,34 @@ def chat(
         quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
     """
+    from mini_claude.agents import merge
     from mini_claude.chat.repl import ChatREPL
 
     settings = Settings()
+    flags = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+             "repetition_penalty": repetition_penalty, "seed": seed}  # fmt: skip
+    spec, opening, stop = None, [{"role": "system", "content": system}] if system else [], []
+    if agent is not None:
+        from mini_claude.agent_commands import agent_model, find_agent
+
+        spec = find_agent(agent, settings)
+        if spec.upstream:
+            raise UserError(f"the agent {agent!r} runs on the upstream model {spec.model!r}: chat with it through "
+                            "the server (`mini-claude serve`, then the web UI or any OpenAI client)")  # fmt: skip
+        model, adapter = agent_model(spec, settings, model, adapter)
+        opening, stop = spec.prompt_prefix(system, settings.system_prompt), spec.params.stop or []
+    values = merge({k: v for k, v in flags.items() if v is not None}, spec.sampling() if spec else {},
+                   {**CHAT_DEFAULTS, "max_tokens": settings.max_tokens})  # fmt: skip
     params = sampling_params(
-        max_new_tokens=max_tokens or settings.max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, seed=seed,
+        max_new_tokens=values["max_tokens"], temperature=values["temperature"], top_p=values["top_p"],
+        top_k=values.get("top_k"), repetition_penalty=values["repetition_penalty"], seed=values.get("seed"),
     )  # fmt: skip
+    has_system = bool(opening) and opening[0]["role"] == "system"
     engine = load_engine(model, settings, dtype, quantize, threads, adapters=[adapter] if adapter else [])
     repl = ChatREPL(
-        engine, params, system or settings.system_prompt, max_turns or settings.memory_max_turns,
-        adapter=engine.adapters.names[0] if adapter else None,
+        engine, params, opening[0]["content"] if has_system else settings.system_prompt,
+        max_turns or settings.memory_max_turns, adapter=engine.adapters.names[0] if adapter else None,
+        examples=opening[1:] if has_system else opening, name=spec.name if spec else None, stop=stop,
     )  # fmt: skip
     if load:
         repl.command(f"/load {load}")
@@ -487,4 +511,5 @@ COMMANDS = {
     "transcribe": transcribe,
     **_rag_commands(),
     "db": {"upgrade": db_upgrade, "downgrade": db_downgrade, "current": db_current},
+    "agent": AGENT_COMMANDS,
 }

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from mini_claude.upstream import UpstreamConfig, check_unique, parse_upstreams
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MINI_CLAUDE_", env_file=".env", extra="ignore")
@@ -70,6 +72,17 @@ class Settings(BaseSettings):
         10_000, ge=1, description="Predictions waiting to be written to the database; beyond it they are dropped."
     )
 
+    # NoDecode: a JSON list, a YAML/JSON file's path, or preset names ("openai,ollama"); see upstream.py.
+    upstreams: Annotated[list[UpstreamConfig], NoDecode] = Field(
+        default_factory=list,
+        description='OpenAI-compatible remote backends, served as UPSTREAM/MODEL: [{"name", "base_url", '
+        '"api_key_env", "models"}], a YAML file of the same, or preset names (openai, gemini, anthropic, ollama, '
+        "vllm).",
+    )
+    agents_dir: str = Field(
+        "./agents", description="Agent definitions (NAME.yaml) the server loads into the database when it starts."
+    )
+
     # ----------------------------------------------------------------------------------------- voice
     tts_engine: Literal["hibari", "espeak-ng", "piper", "elevenlabs"] = Field(
         "hibari", description="The speech engine OpenAI's model names (tts-1, gpt-4o-mini-tts) select."
@@ -86,6 +99,16 @@ class Settings(BaseSettings):
     )
     elevenlabs_base_url: str | None = Field(None, description="ElevenLabs' API root (default: the service's own).")
     elevenlabs_model: str = "eleven_multilingual_v2"
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _read_upstreams(cls, value: Any) -> Any:
+        return parse_upstreams(value)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_upstreams(cls, value: list[UpstreamConfig]) -> list[UpstreamConfig]:
+        return check_unique(value)
 
     @field_validator("api_keys", "adapters", mode="before")
     @classmethod

@@ -184,3 +184,9 @@ def postgres_url() -> Iterator[str]:
 def live_server() -> type[LiveServer]:
     """The `LiveServer` class, for module-scoped servers with settings of their own."""
     return LiveServer
+
+
+@pytest.fixture(scope="session")
+def serve_app() -> Callable[[FastAPI], LiveServer]:
+    """`LiveServer(app)` for module-scoped fixtures that build their own apps (they stop them themselves)."""
+    return LiveServer

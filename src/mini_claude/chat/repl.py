@@ -33,16 +33,29 @@ class ChatREPL:
         max_turns: int = 20,
         out: TextIO = sys.stdout,
         adapter: str | None = None,
+        examples: list[dict[str, str]] | None = None,
+        name: str | None = None,
+        stop: list[str] | None = None,
     ) -> None:
         self.engine = engine
         self.params = params
         self.adapter = adapter  # a LoRA adapter loaded on the engine, or None for the base model
+        self.examples = list(examples or [])  # an agent's few-shot messages: after the system prompt, never trimmed
+        self.name = name  # the agent's, when chatting with one
+        self.stop = list(stop or [])
         self.out = out
         budget = engine.context_window - params.max_new_tokens
         self.memory = ConversationMemory(system_prompt, max_turns, budget, self._count_tokens)
 
     def _count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self.engine.encode_chat(messages))
+        return len(self.engine.encode_chat(self._framed(messages)))
+
+    def _framed(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The context with the few-shot examples after its system prompt."""
+        if not self.examples:
+            return messages
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        return messages[:head] + self.examples + messages[head:]
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -50,6 +63,7 @@ class ChatREPL:
 
     def run(self) -> None:
         who = f"{self.engine.name} + adapter {self.adapter}" if self.adapter else self.engine.name
+        who = f"agent {self.name} ({who})" if self.name else who
         self.say(f"Chatting with {who}. Type /help for commands, /exit to leave.")
         while True:
             try:
@@ -109,11 +123,11 @@ class ChatREPL:
 
     def reply(self, text: str) -> None:
         self.memory.add_user(text)
-        context = self.memory.context()
+        context = self._framed(self.memory.context())
         if self.memory.dropped_turns:
             self.say(f"({self.memory.dropped_turns} earlier turn(s) no longer fit the context and were left out.)")
         pieces: list[str] = []
-        stream = self.engine.chat(context, self.params, adapter=self.adapter)
+        stream = self.engine.chat(context, self.params, self.stop, adapter=self.adapter)
         try:
             for chunk in stream:
                 pieces.append(chunk.text)

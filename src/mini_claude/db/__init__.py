@@ -14,7 +14,7 @@ Typical use::
 
 from . import crud
 from .crud import NotFoundError
-from .models import JOB_STATUSES, ROLES, Base, Conversation, FineTuneJob, Message, Prediction
+from .models import JOB_STATUSES, ROLES, Agent, Base, Conversation, FineTuneJob, Message, Prediction
 from .session import (
     DEFAULT_URL,
     current_revision,
@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_URL",
     "JOB_STATUSES",
     "ROLES",
+    "Agent",
     "Base",
     "Conversation",
     "FineTuneJob",

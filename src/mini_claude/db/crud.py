@@ -30,6 +30,7 @@ from .models import (
     IDEMPOTENCY_KEY_MAX_LENGTH,
     JOB_STATUSES,
     ROLES,
+    Agent,
     Conversation,
     FineTuneJob,
     Message,
@@ -414,3 +415,38 @@ def list_predictions(
         query = query.where(Prediction.request_id == request_id)
     query = query.order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(limit).offset(offset)
     return list(session.scalars(query))
+
+
+# ------------------------------------------------------------------------------------------------------ agents
+
+
+def put_agent(session: Session, name: str, definition: dict[str, Any], *, source: str | None = None) -> Agent:
+    """Create the agent `name`, or replace its definition (and source) if it exists."""
+    now = utcnow()
+    agent = get_agent(session, name)
+    if agent is None:
+        agent = Agent(name=name, definition=dict(definition), source=source, created_at=now, updated_at=now)
+        session.add(agent)
+    else:
+        agent.definition = dict(definition)  # a new object: JSON columns do not track in-place changes
+        agent.source = source
+        agent.updated_at = now
+    session.flush()
+    return agent
+
+
+def get_agent(session: Session, name: str) -> Agent | None:
+    """The agent with this name, or None."""
+    return session.scalars(select(Agent).where(Agent.name == name)).one_or_none()
+
+
+def list_agents(session: Session, *, limit: int = MAX_PAGE_SIZE, offset: int = 0) -> list[Agent]:
+    """One page of agents, by name."""
+    _check_page(limit, offset)
+    return list(session.scalars(select(Agent).order_by(Agent.name).limit(limit).offset(offset)))
+
+
+def delete_agent(session: Session, name: str) -> bool:
+    """Delete an agent; False if there was none."""
+    deleted = session.execute(delete(Agent).where(Agent.name == name).execution_options(synchronize_session="evaluate"))
+    return deleted.rowcount > 0

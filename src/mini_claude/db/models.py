@@ -1,4 +1,4 @@
-"""Tables of the store: conversations, their messages, fine-tuning jobs, knowledge collections, predictions.
+"""Tables of the store: conversations, messages, fine-tuning jobs, knowledge collections, predictions, agents.
 
 Design choices:
 - Typed SQLAlchemy 2 declarative models (`Mapped[...]`), one flat module (it stays far below the size at which
@@ -58,6 +58,7 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 ID_LENGTH = 36  # str(uuid.uuid4())
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 OWNER_LENGTH = 128  # a job runner's id: host, process id and a random suffix
+AGENT_NAME_MAX_LENGTH = 64
 
 
 def new_id() -> str:
@@ -353,3 +354,24 @@ class Prediction(Base):
 
     def __repr__(self) -> str:
         return f"Prediction(id={self.id!r}, model={self.model!r}, request_id={self.request_id!r})"
+
+
+class Agent(Base):
+    """A named agent profile; `definition` is its whole definition as JSON (the package validates it).
+
+    `source` says where it came from (a YAML file's path, or None for the API and CLI), so a server that
+    re-reads its agents directory updates only what it loaded from there.
+    """
+
+    __tablename__ = "agents"
+    __table_args__ = (Index("uq_agents_name", "name", unique=True),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(AGENT_NAME_MAX_LENGTH), nullable=False)
+    definition: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    source: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"Agent(name={self.name!r})"

@@ -10,6 +10,7 @@ No FastAPI here (STYLE.md, point 8). Design choices:
 - The first piece of audio is made before the response starts: a failure there (an engine error, an
   upstream refusing the key) is still a proper error response. A failure after that ends the stream (an SSE
   stream gets an `error` event first); the partial audio is not cached.
+- `model` may name an agent: its voice and speed are the defaults for what the request leaves out.
 - `instructions` is accepted and ignored (no engine here has a style prompt): `X-Ignored-Params` says so, and
   `X-Speed-Applied` reports a speed the engine clamped to its range.
 """
@@ -109,8 +110,26 @@ class AudioService:
             pieces.close()  # type: ignore[attr-defined]
             self.service.metrics.observe_speech(run)
 
+    async def _with_agent(self, req: SpeechRequest) -> SpeechRequest:
+        """An agent as `model` gives the voice and speed the request leaves out (request > agent > engine)."""
+        agents = self.service.agents
+        spec = await self.service.db_call(agents.get_spec, req.model) if self.service.db is not None else None
+        if spec is None:
+            if req.voice is None:
+                raise APIError(400, "Invalid value for 'voice': required (unless the model is an agent with a voice).",
+                               param="voice")  # fmt: skip
+            return req
+        self.service.metrics.observe_agent(spec.name)
+        fill: dict[str, Any] = {"model": None}  # the default engine, unless the voice id names another
+        if spec.voice is not None and "voice" not in req.model_fields_set:
+            fill["voice"] = spec.voice.voice
+        if spec.voice is not None and spec.voice.speed is not None and "speed" not in req.model_fields_set:
+            fill["speed"] = spec.voice.speed
+        return req.model_copy(update=fill)
+
     async def speak(self, req: SpeechRequest) -> SpeechResponse:
         """Resolve the request, make its first piece, and return the response that streams the rest."""
+        req = await self._with_agent(req)
         try:  # in a thread: resolving an ElevenLabs voice may ask the service for its voice list
             utterance = await anyio.to_thread.run_sync(
                 self.speech.prepare, req.input, req.voice_name, req.model, req.speed, req.response_format

@@ -1,8 +1,9 @@
 """Text completions (`/v1/completions`, OpenAI's legacy API): continue prompts as they are, no chat template.
 
 Several prompts (texts or token-id lists) and `n` samples each become one `Job`; choice `p * n + j` is prompt
-p's j-th sample, as OpenAI numbers them. Token ids are checked against the vocabulary here, because the
-model would index out of range with them.
+p's j-th sample, as OpenAI numbers them. An agent as `model` brings its model, adapter and sampling defaults;
+its system prompt and few-shots are chat messages, so a plain completion does not use them. Token ids are
+checked against the vocabulary here, because the model would index out of range with them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ class TextCompletions:
         service = self.service
         engine, _, _ = service.ready()
         generation = service.generation
-        model_id, adapter = service.models.select(req.model)
+        route = await service.models.route(req.model)
+        if route.upstream is not None:
+            raise invalid(f"Invalid value for 'model': '{req.model}' runs on an upstream, which this server "
+                          "proxies for chat completions only.", "model", code="unsupported_model")  # fmt: skip
+        req = service.agents.with_agent(req, route)  # its sampling defaults (prompts stay as they are)
+        model_id, adapter = route.model, route.adapter
         prompts, params = [], []
         vocab = engine.model.config.vocab_size
         for p in req.prompts:

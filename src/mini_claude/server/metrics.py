@@ -140,6 +140,25 @@ class Metrics:
             "mini_claude_prediction_log_rows", "Logged predictions by outcome (written to the database, or dropped).",
             ["outcome"], registry=r,
         )  # fmt: skip
+        self.upstream_requests = Counter(
+            "mini_claude_upstream_requests", "Chat requests proxied to upstreams, by upstream and status (499: the "
+            "client left).", ["upstream", "status"], registry=r,
+        )  # fmt: skip
+        self.upstream_latency = Histogram(
+            "mini_claude_upstream_request_duration_seconds", "From sending to an upstream to its last byte.",
+            ["upstream"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_ttft = Histogram(
+            "mini_claude_upstream_time_to_first_token_seconds", "From sending a streamed request to its first text.",
+            ["upstream"], buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_tokens = Counter(
+            "mini_claude_upstream_tokens", "Tokens upstreams reported, by kind (prompt, completion).",
+            ["upstream", "kind"], registry=r,
+        )  # fmt: skip
+        self.agent_requests = Counter(
+            "mini_claude_agent_requests", "Requests that named an agent as their model.", ["agent"], registry=r
+        )
         self._audio_cache_watched = False
         self._model_cache_watched = False
 
@@ -201,6 +220,23 @@ class Metrics:
         if not self._model_cache_watched:
             self.registry.register(_ModelCacheCollector(cache))
             self._model_cache_watched = True
+
+    def observe_upstream(
+        self, upstream: str, status: int, seconds: float, ttft_s: float | None = None, prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> None:  # fmt: skip
+        """Record one proxied request (its outcome, and for a successful one its timing and tokens)."""
+        self.upstream_requests.labels(upstream, str(status)).inc()
+        self.upstream_latency.labels(upstream).observe(seconds)
+        if ttft_s is not None:
+            self.upstream_ttft.labels(upstream).observe(ttft_s)
+        self.upstream_tokens.labels(upstream, "prompt").inc(prompt_tokens)
+        self.upstream_tokens.labels(upstream, "completion").inc(completion_tokens)
+        if status >= 500:
+            self.errors.labels("upstream").inc()
+
+    def observe_agent(self, agent: str) -> None:
+        self.agent_requests.labels(agent).inc()
 
     def observe_transcription(self, audio_seconds: float) -> None:
         self.transcribed.inc(audio_seconds)

@@ -9,7 +9,9 @@ Design choices:
 - One module per API area, each readable on its own: `models.py` (what a request's `model` may name),
   `conversations.py` (the conversation store), `generation.py` (the one path from a prepared job through the
   scheduler to text chunks, with metrics and storing the reply), `chat.py` (chat completions and the UI's
-  chat turn), `completions.py` (text completions), `socket.py` (the WebSocket protocol), `fine_tunes.py`.
+  chat turn), `remote.py` (chat with upstream models, `UPSTREAM/MODEL`), `agents.py` (agent profiles, and
+  the `knowledge` hook where retrieval plugs in), `completions.py` (text completions), `socket.py` (the
+  WebSocket protocol), `fine_tunes.py`.
   Areas hold a reference to this object and read the engine, scheduler and database from it at call time.
 - Database calls run in worker threads (SQLAlchemy is synchronous) through `db_call`, which turns a
   database failure into a 503 in OpenAI's shape.
@@ -31,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mini_claude.db import ping
 from mini_claude.engine import Engine
 from mini_claude.scheduler import Scheduler
+from mini_claude.server.agents import AgentService, KnowledgeHook, NoRetrieval
 from mini_claude.server.audio import AudioService
 from mini_claude.server.chat import ChatCompletions, ReplyEvent
 from mini_claude.server.completions import TextCompletions
@@ -40,6 +43,7 @@ from mini_claude.server.generation import Generation
 from mini_claude.server.metrics import Metrics
 from mini_claude.server.models import ModelRegistry
 from mini_claude.server.protocol import HealthResponse, ModelCard
+from mini_claude.server.remote import RemoteChat
 from mini_claude.server.response_cache import ResponseCache
 from mini_claude.settings import Settings
 
@@ -63,6 +67,9 @@ class ChatService:
         self.chat = ChatCompletions(self)
         self.completions = TextCompletions(self)
         self.audio = AudioService(self)
+        self.agents = AgentService(self)
+        self.remote = RemoteChat(self)
+        self.knowledge: KnowledgeHook = NoRetrieval()  # the RAG area's retriever replaces this
 
     def start(self, engine: Engine, db: Database, scheduler: Scheduler | None = None) -> None:
         self.engine, self.db = engine, db
@@ -72,6 +79,9 @@ class ChatService:
         self.metrics.watch_cache(lambda: sched.stats, lambda: self.responses.stats)
         self.metrics.watch_adapters(lambda: len(engine.adapters.names))
         self.started_at = time.monotonic()
+        loaded = self.agents.load_directory()
+        if loaded:
+            log.info("agents from %s: %s", self.settings.agents_dir, ", ".join(loaded))
 
     def stop(self) -> None:
         if self.scheduler is not None:
@@ -107,7 +117,7 @@ class ChatService:
     def health(self) -> HealthResponse:
         if self.db is None:
             return HealthResponse(status="starting", model=None, database="not started", scheduler="not started",
-                                  voice=self.audio.health())  # fmt: skip
+                                  voice=self.audio.health(), upstreams=self.upstream_health())  # fmt: skip
         db_ok, sched_ok = ping(self.db), self.scheduler_alive
         stats = self.scheduler.stats if self.scheduler is not None else None
         return HealthResponse(
@@ -115,7 +125,11 @@ class ChatService:
             database="ok" if db_ok else "unreachable", scheduler="running" if sched_ok else "stopped",
             waiting=stats.waiting if stats else 0, running=stats.running if stats else 0,
             uptime_s=round(time.monotonic() - self.started_at, 3), voice=self.audio.health(),
+            upstreams=self.upstream_health(),
         )  # fmt: skip
+
+    def upstream_health(self) -> dict[str, str]:
+        return {name: upstream.health() for name, upstream in self.models.upstreams.items()}
 
     # ------------------------------------------------------------------------------------ the database
     async def db_call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -152,3 +166,13 @@ class ChatService:
 
     def load_adapter(self, path: str, name: str | None = None) -> ModelCard:
         return self.models.load_adapter(path, name)
+
+    def agent_voice(self, name: str | None) -> str | None:
+        """The voice of the agent `name` (the UI's play button prefers it), or None."""
+        if not name or self.db is None or "/" in name:
+            return None
+        try:
+            spec = self.agents.get_spec(name)
+        except (APIError, SQLAlchemyError):
+            return None
+        return spec.voice.voice if spec is not None and spec.voice is not None else None

@@ -134,9 +134,11 @@ def build_ui(service: ChatService) -> gr.Blocks:
     default_max_tokens = getattr(getattr(service, "settings", None), "max_tokens", DEFAULT_MAX_TOKENS)
 
     def model_list(current: str | None = None) -> dict[str, Any]:
-        """A dropdown update with the served models (the base one first, then adapters), keeping `current`.
+        """A dropdown update with the served models (the base one first, then adapters, upstream models and
+        agents), keeping `current`.
 
-        Read when a page loads, so adapters added since (a finished fine-tune job) appear on reload."""
+        Read when a page loads, so adapters and agents added since (a finished fine-tune job, a new agent)
+        appear on reload."""
         ids = service.model_ids
         return gr.update(choices=ids, value=current if current in ids else (ids[0] if ids else None))
 
@@ -237,7 +239,10 @@ def build_ui(service: ChatService) -> gr.Blocks:
                 delete_button = gr.Button("Delete conversation", variant="stop", size="sm", elem_id="delete")
                 with gr.Accordion("Settings", open=True):
                     model = gr.Dropdown(
-                        choices=[], label="Model", info="the base model or a LoRA adapter on it", elem_id="model"
+                        choices=[],
+                        label="Model",
+                        elem_id="model",
+                        info="the base model, a LoRA adapter on it, an upstream's model (UPSTREAM/MODEL) or an agent",
                     )
                     system_prompt = gr.Textbox(
                         label="System prompt",
@@ -275,7 +280,10 @@ def build_ui(service: ChatService) -> gr.Blocks:
                     send_button = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
                     stop_button = gr.Button("Stop", scale=1, min_width=80, elem_id="stop")
                 if audio is not None and voice is not None:
-                    voice_ui.add_voice(audio, chat, message, voice)
+                    agent_voice = getattr(service, "agent_voice", lambda model_id: None)
+                    voice_ui.add_voice(  # an agent's own voice, when the picked model is an agent that has one
+                        audio, chat, message, voice, [model], lambda picked, model_id: agent_voice(model_id) or picked
+                    )
 
         private: dict[str, Any] = {"api_visibility": "private"}  # the OpenAI routes are the API; these are not
         gr.on(

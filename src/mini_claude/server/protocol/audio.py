@@ -25,9 +25,14 @@ class VoiceId(BaseModel):
 
 
 class SpeechRequest(_Request):
-    model: str = Field(description="tts-1, tts-1-hd or gpt-4o-mini-tts (the default engine), or an engine's name")
+    model: str = Field(
+        description="tts-1, tts-1-hd or gpt-4o-mini-tts (the default engine), an engine's name, or an agent's "
+        "(its voice and speed are the defaults)"
+    )
     input: Text = Field(max_length=MAX_INPUT_CHARS, description="The text to speak (at most 4096 characters).")
-    voice: str | VoiceId = Field(description="A voice id from GET /v1/audio/voices, or an OpenAI voice name.")
+    voice: str | VoiceId | None = Field(
+        None, description="A voice id from GET /v1/audio/voices, or an OpenAI voice name (optional with an agent)."
+    )
     response_format: SpeechFormat = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0)
     instructions: Text | None = Field(None, max_length=MAX_INPUT_CHARS)
@@ -41,7 +46,7 @@ class SpeechRequest(_Request):
         return value
 
     @property
-    def voice_name(self) -> str:
+    def voice_name(self) -> str | None:
         return self.voice.id if isinstance(self.voice, VoiceId) else self.voice
 
 

@@ -56,3 +56,4 @@ class HealthResponse(BaseModel):
     running: int = 0
     uptime_s: float = 0.0
     voice: dict[str, str] = {}  # each speech engine and the transcriber: "available", or why not
+    upstreams: dict[str, str] = {}  # each upstream: "ok", or why not (its state does not make us unhealthy)

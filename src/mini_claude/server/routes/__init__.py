@@ -14,7 +14,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from mini_claude.server.routes import audio, chat, conversations, fine_tunes, models, predict, system, vector_stores
+from mini_claude.server.routes import (
+    agents,
+    audio,
+    chat,
+    conversations,
+    fine_tunes,
+    models,
+    predict,
+    system,
+    vector_stores,
+)
 
 ROUTERS: list[APIRouter] = [system.public, system.router, chat.router, models.router, conversations.router,
-                            fine_tunes.router, audio.router, vector_stores.router, predict.router]  # fmt: skip
+                            fine_tunes.router, audio.router, vector_stores.router, predict.router,
+                            agents.router]  # fmt: skip

@@ -13,7 +13,7 @@ def list_models(service: ServiceDep) -> ModelList:
     return service.models.list()
 
 
-@router.get("/v1/models/{model_id}", response_model=ModelCard)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)  # ids may be UPSTREAM/MODEL
 def get_model(model_id: str, service: ServiceDep) -> ModelCard:
     return service.models.card(model_id)
 
