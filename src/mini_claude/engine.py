@@ -85,7 +85,8 @@ class Completion:
     ttft_ms: float
     decode_tokens_per_s: float
     truncated_prompt_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per completion token, when asked for
+    # when asked for: one per sampled token, including an end-of-sequence token (not in completion_ids)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def prompt_tokens(self) -> int:
@@ -313,7 +314,7 @@ class TextAssembler:
                 gen.finish(ev.seq, "stop")
                 self.stopped_by_string = True
         ids = [ev.token_id] if ev.token_id is not None else []
-        lps = [ev.logprob] if ev.logprob is not None and ev.token_id not in ev.seq.stop_ids else []
+        lps = [ev.logprob] if ev.logprob is not None else []  # an end token's too (the legacy API reports it)
         self.logprobs += lps
         if not ev.seq.finished:
             self.text.append(text)

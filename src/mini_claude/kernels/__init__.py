@@ -64,8 +64,9 @@ def build_dir() -> Path:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update((CSRC / name).read_bytes())
-    # sys.prefix: each virtual environment gets its own build, so two checkouts never share a half-written one.
-    identity = (CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], sys.prefix, _cpu_features())
+    # The sources' location and sys.prefix too: torch's build.ninja names the source paths, so two checkouts
+    # (or virtual environments) sharing one directory would rebuild it in turn, each time the other loads.
+    identity = (CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], str(CSRC), sys.prefix, _cpu_features())
     h.update(repr(identity).encode())
     root = Path(os.environ.get("MINI_CLAUDE_KERNELS_DIR", Path.home() / ".cache" / "mini-claude" / "kernels"))
     return root / h.hexdigest()[:16]

@@ -284,6 +284,7 @@ class ChatCompletions:
             async with aclosing(self.service.generation.generate(job, handles)) as events:
                 async for i, c in events:
                     lp = chat_logprobs(engine, c.logprobs) if c.logprobs else None  # type: ignore[arg-type]
+                    lp = lp if lp is not None and lp.content else None
                     deltas = parsers[i].feed(c.text) if i in parsers else [{"content": c.text}] if c.text else []
                     for n, delta in enumerate(deltas):
                         yield chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp if n == 0 else None)])

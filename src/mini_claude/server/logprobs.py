@@ -2,7 +2,8 @@
 completions' parallel lists (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
 
 A token's text is its bytes decoded as UTF-8, with U+FFFD for a partial character (a byte-level token may
-hold part of one); chat's `bytes` field carries the exact bytes, as OpenAI's does.
+hold part of one); chat's `bytes` field carries the exact bytes, as OpenAI's does. The legacy shape keeps a
+final end-of-sequence token, as OpenAI's does (`<|endoftext|>`): lm-evaluation-harness drops the last entry.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ def _token(engine: Engine, token_id: int) -> tuple[str, list[int]]:
 
 
 def chat_logprobs(engine: Engine, entries: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    """Chat's shape, which leaves out the end-of-turn token (it is not part of the message)."""
     content = []
     for e in entries:
+        if e.token_id in engine.tokenizer.stop_ids:
+            continue
         text, raw = _token(engine, e.token_id)
         top = [TopLogprob(token=t, logprob=lp, bytes=b) for t, b, lp in ((*_token(engine, i), lp) for i, lp in e.top)]
         content.append(TokenLogprobInfo(token=text, logprob=e.logprob, bytes=raw, top_logprobs=top))
