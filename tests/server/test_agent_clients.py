@@ -75,8 +75,8 @@ def client(server: Server) -> openai.OpenAI:
 
 
 class City(BaseModel):
-    name: str = Field(max_length=24)
-    country: str = Field(max_length=24)
+    name: str = Field(max_length=12)
+    country: str = Field(max_length=12)
     population_millions: float = Field(ge=0, le=100)
 
 
@@ -92,7 +92,7 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
 def test_openai_parse_returns_a_pydantic_object(client: openai.OpenAI) -> None:
     r = client.chat.completions.parse(
         model=MODEL, messages=[{"role": "user", "content": "Describe Paris as JSON."}], response_format=City,
-        max_tokens=60, temperature=0,
+        max_tokens=120, temperature=0,
     )  # fmt: skip
     assert isinstance(r.choices[0].message.parsed, City)
 
@@ -117,7 +117,7 @@ def test_langchain_bind_tools_and_structured_output(server: Server) -> None:
         """Get the current weather in a city."""
         return "sunny"
 
-    llm = ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="none", temperature=0, max_tokens=60,
+    llm = ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="none", temperature=0, max_tokens=120,
                      max_retries=0)  # type: ignore[arg-type]  # fmt: skip
     reply = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("What is the weather in Paris?")
     assert reply.tool_calls and reply.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
@@ -134,11 +134,11 @@ def test_pydantic_ai_runs_a_tool_loop_to_its_answer(server: Server) -> None:
     from pydantic_ai.providers.openai import OpenAIProvider
 
     class Answer(BaseModel):
-        summary: str = Field(max_length=60)
+        summary: str = Field(max_length=40)
 
     calls: list[str] = []
     model = OpenAIChatModel(MODEL, provider=OpenAIProvider(base_url=server.url + "/v1", api_key="none"))
-    agent = Agent(model, output_type=Answer, model_settings={"temperature": 0, "max_tokens": 60},
+    agent = Agent(model, output_type=Answer, model_settings={"temperature": 0, "max_tokens": 120},
                   system_prompt="First call get_weather, then give the final result.")  # fmt: skip
 
     @agent.tool_plain

@@ -81,7 +81,7 @@ def test_unsupported_schema_is_a_400_naming_it(client: openai.OpenAI) -> None:
 
 def test_required_tool_call_validates(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required",
-                                       parallel_tool_calls=False, max_tokens=60, seed=1, temperature=1.0)  # fmt: skip
+                                       parallel_tool_calls=False, max_tokens=120, seed=1, temperature=1.0)  # fmt: skip
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls or []) == 1
     call = choice.message.tool_calls[0]  # type: ignore[index]
@@ -93,7 +93,7 @@ def test_required_tool_call_validates(client: openai.OpenAI) -> None:
 def test_streamed_tool_call_equals_the_full_one(client: openai.OpenAI) -> None:
     """Deltas in OpenAI's shape (index, id and name first, then argument fragments) add up to the full reply."""
     kwargs = dict(model="tiny", messages=MESSAGES, tools=[WEATHER], tool_choice={"type": "function", "function":
-                  {"name": "get_weather"}}, max_tokens=60, seed=2, temperature=1.0)  # fmt: skip
+                  {"name": "get_weather"}}, max_tokens=120, seed=2, temperature=1.0)  # fmt: skip
     full = client.chat.completions.create(**kwargs).choices[0]  # type: ignore[call-overload]
     name, args, ids, finish = None, "", set(), None
     for chunk in client.chat.completions.create(stream=True, **kwargs):  # type: ignore[call-overload]
