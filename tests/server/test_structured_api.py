@@ -28,8 +28,8 @@ WEATHER = {
                                                                                    "maximum": 7}}},
     },
 }  # fmt: skip
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {},
-                                                                            "additionalProperties": False}}}  # fmt: skip
+NO_ARGS = {"type": "object", "properties": {}, "additionalProperties": False}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": NO_ARGS}}
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 
 
@@ -127,11 +127,16 @@ def test_chat_logprobs_match_the_engine(client: openai.OpenAI, engine: Engine) -
     content = r.choices[0].logprobs.content  # type: ignore[union-attr]
     assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)  # type: ignore[union-attr]
     assert all(c.logprob == c.top_logprobs[0].logprob for c in content)  # greedy: the likeliest token each time
-    assert "".join(bytes(c.bytes).decode("utf-8", "replace") for c in content) == r.choices[0].message.content  # type: ignore[arg-type]
+    text = b"".join(bytes(c.bytes or []) for c in content).decode("utf-8", "replace")
+    assert text == r.choices[0].message.content
     streamed = [
-        e.logprob for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6,
-                                                              temperature=0, logprobs=True, stream=True)  # fmt: skip
-        for ch in chunk.choices if ch.logprobs for e in ch.logprobs.content or []
+        e.logprob
+        for chunk in client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, stream=True
+        )
+        for ch in chunk.choices
+        if ch.logprobs
+        for e in ch.logprobs.content or []
     ]
     assert streamed == [c.logprob for c in content]
 
