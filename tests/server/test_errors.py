@@ -67,7 +67,7 @@ def test_unparseable_bodies(client: TestClient, raw: bytes, code: str | None) ->
 BAD_CHATS = [
     pytest.param({"messages": []}, "messages", id="no-messages"),
     pytest.param({"messages": None}, "messages", id="null-messages"),
-    pytest.param({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", id="tool-role"),
+    pytest.param({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", id="tool-without-id"),
     pytest.param({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", id="unknown-role"),
     pytest.param({"messages": [{"content": "x"}]}, "messages[0].role", id="no-role"),
     pytest.param({"messages": [{"role": "user"}]}, "messages[0].content", id="no-content"),
@@ -100,7 +100,7 @@ BAD_CHATS = [
     pytest.param({"top_logprobs": 2}, "top_logprobs", id="top-logprobs-without-logprobs"),
     pytest.param({"top_logprobs": 21}, "top_logprobs", id="top-logprobs-too-many"),
     pytest.param({"logit_bias": {"50": 10}}, "logit_bias", id="logit-bias"),
-    pytest.param({"response_format": {"type": "json_schema"}}, "response_format", id="json-schema-missing"),
+    pytest.param({"response_format": {"type": "json_schema"}}, "response_format.json_schema", id="json-schema-missing"),
     pytest.param({"functions": [{"name": "f"}]}, "functions", id="legacy-functions"),
 ]
 

@@ -147,7 +147,7 @@ class ResponseFormat(_Request):
     @model_validator(mode="after")
     def _check_schema(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format: type json_schema needs a json_schema object")
+            raise ValueError("json_schema: required when type is json_schema")
         return self
 
 
