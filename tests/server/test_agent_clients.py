@@ -83,7 +83,7 @@ class City(BaseModel):
 WEATHER = {
     "type": "function",
     "function": {"name": "get_weather", "description": "Get the current weather in a city.",
-                 "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
                                 "required": ["city"], "additionalProperties": False}},
 }  # fmt: skip
 ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
@@ -98,7 +98,7 @@ def test_openai_parse_returns_a_pydantic_object(client: openai.OpenAI) -> None:
 
 
 def test_openai_tools_and_streamed_tools(client: openai.OpenAI) -> None:
-    kwargs = dict(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=80, temperature=0)
+    kwargs = dict(model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=120, temperature=0)
     full = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
     call = full.choices[0].message.tool_calls[0]
     assert full.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
