@@ -3,7 +3,9 @@
 Every front end (CLI, HTTP routes, WebSocket, web UI) consumes `Engine.stream()`; none re-implements
 sampling, stop handling or detokenization. A stream yields `TextChunk`s: text that is safe to show (whole
 characters, never the beginning of a stop string that may still complete), and a final chunk per sequence
-that carries a `Completion` with token ids, finish reason and timings.
+that carries a `Completion` with token ids, finish reason and timings (and, when asked for, each token's
+log-probability). `Engine.score` is the other direction: the log-probability of every token of a given text
+(OpenAI's `echo` with `logprobs`, which is how evaluation harnesses score choices), from one dense forward.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from mini_claude.generate import (
     SamplingParams,
     SequenceState,
     TokenEvent,
+    TokenLogprob,
+    token_logprobs,
 )
+from mini_claude.grammar import GrammarCompiler
 from mini_claude.model import Transformer
 from mini_claude.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -80,6 +85,8 @@ class Completion:
     ttft_ms: float
     decode_tokens_per_s: float
     truncated_prompt_tokens: int = 0
+    # when asked for: one per sampled token, including an end-of-sequence token (not in completion_ids)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def prompt_tokens(self) -> int:
@@ -104,6 +111,7 @@ class TextChunk:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     completion: Completion | None = None  # set on the last chunk of a sequence
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of this chunk's tokens, when asked for
 
 
 class StopStringMatcher:
@@ -144,6 +152,7 @@ class Engine:
         self.name = name
         self.source = source
         self.adapters = AdapterSet(model)
+        self.grammars = GrammarCompiler(tokenizer, model.config.vocab_size)
 
     @classmethod
     def load(
@@ -181,8 +190,18 @@ class Engine:
         return self.model.config.max_seq_len
 
     # ------------------------------------------------------------------------------------- prompts
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (a byte-level token may be part of a character); a special token's
+        are its name's."""
+        raw = self.grammars.ll_tokenizer.decode_bytes([token_id])
+        if raw.startswith(b"\xff"):  # llguidance marks special tokens with a 0xFF byte
+            return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+        return raw
 
     def encode_text(self, text: str) -> list[int]:
         """Tokenize raw text as is, with the model's own BOS rule."""
@@ -216,7 +235,7 @@ class Engine:
         """
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         fitted = [self.fit_prompt(list(p), truncate) for p in prompts]
-        gen = BatchGenerator(self.model, len(prompts), self.tokenizer.stop_ids, self.adapters)
+        gen = BatchGenerator(self.model, len(prompts), self.tokenizer.stop_ids, self.adapters, masks=self.grammars.mask)
         seqs = [gen.new_sequence(ids, sp, adapter) for (ids, _), sp in zip(fitted, per_prompt, strict=True)]
         start = time.perf_counter()
         texts = {id(s): TextAssembler(self.tokenizer, i, stop, fitted[i][1], start) for i, s in enumerate(seqs)}
@@ -240,6 +259,23 @@ class Engine:
             if chunk.completion is not None:
                 return chunk.completion
         raise RuntimeError("generation ended without a final chunk")  # unreachable: every sequence finishes
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: Sequence[int], top: int = 0, adapter: str | None = None) -> list[TokenLogprob | None]:
+        """The log-probability of each token of `prompt_ids` given the ones before it (None for the first,
+        which has no context), with the `top` most likely tokens at each position: one forward over the
+        whole text, without a cache, on the dense path (the int4/int8 layers' prefill weights). Not
+        thread-safe against other forwards: a server runs it on its scheduler's thread (`Scheduler.call`)."""
+        ids = list(prompt_ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.context_window:
+            raise ContextOverflowError(len(ids), self.context_window)
+        device = self.model.embed_tokens.weight.device
+        x = torch.tensor(ids, device=device)
+        with self.adapters.route([adapter]):  # one row: the whole text uses `adapter` (None: the base model)
+            logits = self.model(x[None])[0, :-1]  # (T-1, V): position t predicts token t+1
+        return [None, *token_logprobs(logits, x[1:], top)]
 
     def chat(
         self,
@@ -273,6 +309,7 @@ class TextAssembler:
         self.text: list[str] = []
         self.times: list[float] = []
         self.stopped_by_string = False
+        self.logprobs: list[TokenLogprob] = []
 
     def on_event(self, ev: TokenEvent, gen: BatchGenerator) -> TextChunk:
         self.times.append(time.perf_counter())
@@ -283,15 +320,17 @@ class TextAssembler:
                 gen.finish(ev.seq, "stop")
                 self.stopped_by_string = True
         ids = [ev.token_id] if ev.token_id is not None else []
+        lps = [ev.logprob] if ev.logprob is not None else []  # an end token's too (the legacy API reports it)
+        self.logprobs += lps
         if not ev.seq.finished:
             text = _printable(text)
             self.text.append(text)
-            return TextChunk(self.index, text, ids)
+            return TextChunk(self.index, text, ids, logprobs=lps)
         if not self.stopped_by_string:
             text += self.matcher.feed(self.detok.flush())[0] + self.matcher.flush()
         text = _printable(text)
         self.text.append(text)
-        return TextChunk(self.index, text, ids, ev.seq.finish_reason, self.completion(ev.seq))
+        return TextChunk(self.index, text, ids, ev.seq.finish_reason, self.completion(ev.seq), lps)
 
     def completion(self, seq: SequenceState) -> Completion:
         ids = [t for t in seq.output_ids if t not in seq.stop_ids]
@@ -305,4 +344,5 @@ class TextAssembler:
             ttft_ms=(first - self.start) * 1000,
             decode_tokens_per_s=rate,
             truncated_prompt_tokens=self.truncated,
+            logprobs=list(self.logprobs),
         )

@@ -12,7 +12,10 @@ a failing sampler, NaN logits, a removed adapter, which ends that sequence alone
 steps, which is what a server needs for continuous batching.
 
 Sampling is per sequence with its own seeded `torch.Generator`, so a seed gives the same text whether the
-sequence runs alone or in a batch.
+sequence runs alone or in a batch. The per-row sampling step (`_accept`) is also where a sequence's grammar
+mask is applied (`grammar.py`: each row its own state, rows without a grammar untouched) and where its
+log-probabilities are read: from the model's raw logits, before penalties, temperature or the mask, which is
+what OpenAI's and vLLM's `logprobs` report.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from mini_claude.model import Transformer
 
 if TYPE_CHECKING:
     from mini_claude.adapters import AdapterSet
+    from mini_claude.grammar import Grammar, TokenMask
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 PREFILL_CHUNK = 512  # prompt tokens per step at most: a long prompt never stalls the running sequences for long
 
 
@@ -61,6 +66,9 @@ class SamplingParams:
     # Never end on end-of-sequence: its logit is masked, so exactly max_new_tokens come out (benchmarks,
     # like transformers' min_new_tokens).
     ignore_eos: bool = False
+    grammar: Grammar | None = None  # constrain the output (a JSON schema, Lark, a regex): see grammar.py
+    logprobs: bool = False  # report each sampled token's log-probability
+    top_logprobs: int = 0  # ... and the most likely alternatives at each position (at most 20)
 
     def __post_init__(self) -> None:
         checks = [
@@ -69,6 +77,7 @@ class SamplingParams:
             (self.top_k is None or self.top_k >= 1, "top_k must be at least 1"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,6 +118,27 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, h
 
 
 LogitsHook = Callable[["SequenceState", Tensor], Tensor]
+MaskFactory = Callable[["Grammar"], "TokenMask"]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability at its position, and the `top` most likely tokens there (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor, top: int) -> list[TokenLogprob]:
+    """log_softmax of each row of logits (N, V) in float32, read at `token_ids` (N,), with the `top` best."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, token_ids[:, None])[:, 0].tolist()
+    best_v, best_i = torch.topk(logp, top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+    return [
+        TokenLogprob(int(t), lp, tuple(zip(bi, bv, strict=True)))
+        for t, lp, bi, bv in zip(token_ids.tolist(), chosen, best_i.tolist(), best_v.tolist(), strict=True)
+    ]
 
 
 @dataclass
@@ -127,6 +157,7 @@ class SequenceState:
     # A per-sequence step of sampling: it gets this row's raw logits (V,) and returns the logits to sample from
     # (a grammar's mask, logprobs). An exception in it ends this sequence alone with an error.
     logits_hook: LogitsHook | None = None
+    mask: TokenMask | None = None  # the grammar's state, when `params.grammar` is set
     n_computed: int = 0  # tokens whose keys and values are in the cache
     n_cached: int = 0  # of the prompt, tokens reused from the prefix cache
     namespace: bytes = b""  # what the prefix cache keys this sequence's blocks by (its adapter)
@@ -156,6 +187,7 @@ class TokenEvent:
     seq: SequenceState
     token_id: int | None  # None when a sequence ends without a new token (cancelled, failed)
     finish_reason: str | None
+    logprob: TokenLogprob | None = None  # with `params.logprobs`
 
 
 class GenerationError(RuntimeError):
@@ -174,8 +206,12 @@ class BatchGenerator:
         prefix_cache_tokens: int = 0,
         prefill_chunk: int = PREFILL_CHUNK,
         block_size: int = BLOCK_SIZE,
+        masks: MaskFactory | None = None,
     ) -> None:
+        """`masks` compiles a sequence's `params.grammar` into its token mask (`GrammarCompiler.mask`: it
+        knows the tokenizer, which this loop does not)."""
         self.model = model
+        self.masks = masks
         self.adapters = adapters
         self.max_seq_len = model.config.max_seq_len
         p = model.embed_tokens.weight
@@ -207,6 +243,10 @@ class BatchGenerator:
             namespace = self.adapters.uid(adapter).to_bytes(8, "little")
         stop_ids = frozenset() if params.ignore_eos else self.stop_ids
         seq = SequenceState(list(prompt_ids), params, stop_ids, adapter, namespace=namespace)
+        if params.grammar is not None:
+            if self.masks is None:
+                raise ValueError("a grammar was given, but this generator compiles no grammars")
+            seq.mask = self.masks(params.grammar)
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         seq.generator.manual_seed(seed)
         return seq
@@ -292,24 +332,33 @@ class BatchGenerator:
             return contextlib.nullcontext()
         return self.adapters.route(adapters, rows)
 
-    def _accept(self, seq: SequenceState, logits: Tensor) -> TokenEvent:
+    def _accept(self, seq: SequenceState, raw: Tensor) -> TokenEvent:
+        """Sample one row's next token: end-of-sequence ban, hook, grammar mask, sampling, log-probabilities."""
+        params, logprob = seq.params, None
         try:
-            if seq.params.ignore_eos and self.stop_ids:
+            logits = raw
+            if params.ignore_eos and self.stop_ids and seq.mask is None:  # a grammar decides when to end
                 logits = logits.index_fill(0, torch.tensor(sorted(self.stop_ids), device=logits.device), -math.inf)
             if seq.logits_hook is not None:
                 logits = seq.logits_hook(seq, logits)
+            if seq.mask is not None:
+                logits = seq.mask.apply(logits)
             history = None
-            if seq.params.repetition_penalty != 1.0:
+            if params.repetition_penalty != 1.0:
                 history = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device)
-            token = sample(logits, seq.params, seq.generator, history)
+            token = sample(logits, params, seq.generator, history)
+            if seq.mask is not None:
+                seq.mask.accept(token)
+            if params.logprobs:
+                logprob = token_logprobs(raw[None], torch.tensor([token], device=raw.device), params.top_logprobs)[0]
         except Exception as exc:  # this sequence's sampling failed: it ends alone, the batch goes on
             return self._fail(seq, f"sampling failed: {type(exc).__name__}: {exc}")
         seq.output_ids.append(token)
-        if token in seq.stop_ids:
-            self.finish(seq, "stop")
-        elif len(seq.output_ids) >= seq.params.max_new_tokens or seq.position >= self.max_seq_len:
+        if token in seq.stop_ids or (seq.mask is not None and seq.mask.done):
+            self.finish(seq, "stop")  # an end token, or a grammar that allows nothing more
+        elif len(seq.output_ids) >= params.max_new_tokens or seq.position >= self.max_seq_len:
             self.finish(seq, "length")  # budget spent, or no room left to feed this token back
-        return TokenEvent(seq, token, seq.finish_reason)
+        return TokenEvent(seq, token, seq.finish_reason, logprob)
 
     def _fail(self, seq: SequenceState, reason: str) -> TokenEvent:
         seq.error = reason

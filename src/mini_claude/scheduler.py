@@ -9,7 +9,8 @@ applies cancellations, and hands each new token to its request's `TextAssembler`
 blocks the loop: chunks wait in its own queue, and a consumer that falls behind gets what is ready in one
 chunk (fewer, larger SSE events; no text is dropped or held back). A sequence that fails on its own (its
 sampler, NaN logits, a removed adapter) ends its request with an error; the others go on. With nothing to
-do, the loop sleeps on a condition variable until a request arrives: no polling.
+do, the loop sleeps on a condition variable until a request arrives: no polling. Other work on the model (a
+prompt to score, `Engine.score`) goes through `call()`, which runs it on the loop's thread between two steps.
 
 Nothing here knows about HTTP; the server's streaming routes, WebSocket and web UI all read handles.
 """
@@ -23,8 +24,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -99,7 +102,7 @@ class RequestHandle:
 def _joined(first: TextChunk, second: TextChunk) -> TextChunk:
     """Two consecutive chunks of one sequence as one (the second may be its final chunk)."""
     return TextChunk(first.index, first.text + second.text, first.token_ids + second.token_ids,
-                     second.finish_reason, second.completion)  # fmt: skip
+                     second.finish_reason, second.completion, first.logprobs + second.logprobs)  # fmt: skip
 
 
 @dataclass
@@ -140,6 +143,7 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._pending: deque[_Pending] = deque()
         self._users: dict[str, int] = {}  # adapter -> requests queued or running with it (see `users`)
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="mini-claude-scheduler", daemon=True)
@@ -188,6 +192,17 @@ class Scheduler:
                     self._users.pop(handle.adapter, None)
         handle._put(_DONE)
 
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run `fn()` on the loop's thread between two steps (the model is not thread-safe); its result or
+        exception comes back through the future (`asyncio.wrap_future` to await it)."""
+        future: Future[Any] = Future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
     @property
     def alive(self) -> bool:
         """Whether the decode loop is running (health checks)."""
@@ -206,12 +221,20 @@ class Scheduler:
         active: dict[int, tuple[SequenceState, RequestHandle, TextAssembler]] = {}
         while True:
             with self._wake:
-                while not self._closed and not self._pending and not gen.running:
+                while not self._closed and not self._pending and not self._calls and not gen.running:
                     self._wake.wait()
                 if self._closed:
                     break
+                calls = list(self._calls)
+                self._calls.clear()
                 admitted = [self._pending.popleft() for _ in range(min(gen.n_free, len(self._pending)))]
                 self.stats.waiting = len(self._pending)
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:
+                        future.set_exception(exc)
             for p in [p for p in admitted if p.handle.cancelled]:  # gave up while waiting: no prefill for it
                 admitted.remove(p)
                 self._end(p.handle)
@@ -244,12 +267,15 @@ class Scheduler:
         for _seq, handle, _ in active.values():
             handle.error = "the server is shutting down"
             self._end(handle)
+        for _fn, future in self._calls:
+            future.set_exception(RuntimeError("the scheduler is closed"))
 
     def _generator(self) -> BatchGenerator:
         engine = self.engine
         return BatchGenerator(
-            engine.model, self.max_batch, engine.tokenizer.stop_ids, engine.adapters, self.prefix_cache_tokens
-        )
+            engine.model, self.max_batch, engine.tokenizer.stop_ids, engine.adapters, self.prefix_cache_tokens,
+            masks=engine.grammars.mask,
+        )  # fmt: skip
 
     def _observe(self, gen: BatchGenerator) -> None:
         """Publish the loop's state for health checks and /metrics (read from other threads)."""

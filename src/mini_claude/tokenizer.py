@@ -164,13 +164,26 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """Render the conversation with the model's own template and tokenize it.
 
-        The BOS token is added only if the template did not write it itself (as Llama 3's does).
+        The BOS token is added only if the template did not write it itself (as Llama 3's does). `tools`
+        (OpenAI's tool objects) reach the template as `tools`, as in `transformers`; only templates that
+        `knows_tools` do anything with them.
         """
-        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        extra = {"tools": list(tools)} if tools else {}
+        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
         return self.encode(text)
+
+    @property
+    def knows_tools(self) -> bool:
+        """Whether the chat template renders tool definitions (it reads a `tools` variable)."""
+        return "tools" in (self.chat_template_source or "")
 
     # ---------------------------------------------------------------------------------------- builders
     @classmethod

@@ -67,7 +67,7 @@ def test_unparseable_bodies(client: TestClient, raw: bytes, code: str | None) ->
 BAD_CHATS = [
     pytest.param({"messages": []}, "messages", id="no-messages"),
     pytest.param({"messages": None}, "messages", id="null-messages"),
-    pytest.param({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", id="tool-role"),
+    pytest.param({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", id="tool-without-id"),
     pytest.param({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", id="unknown-role"),
     pytest.param({"messages": [{"content": "x"}]}, "messages[0].role", id="no-role"),
     pytest.param({"messages": [{"role": "user"}]}, "messages[0].content", id="no-content"),
@@ -93,10 +93,15 @@ BAD_CHATS = [
     pytest.param({"stream": "yes"}, "stream", id="stream-string"),
     pytest.param({"stream_options": {"include_usage": True}}, "stream_options", id="stream-options-without-stream"),
     pytest.param({"presence_penalty": 0.5}, "presence_penalty", id="presence-penalty"),
-    pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", id="tools"),
-    pytest.param({"logprobs": True}, "logprobs", id="logprobs"),
+    pytest.param(
+        {"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name", id="tool-name"
+    ),
+    pytest.param({"tool_choice": "required"}, "tool_choice", id="tool-choice-without-tools"),
+    pytest.param({"top_logprobs": 2}, "top_logprobs", id="top-logprobs-without-logprobs"),
+    pytest.param({"top_logprobs": 21}, "top_logprobs", id="top-logprobs-too-many"),
     pytest.param({"logit_bias": {"50": 10}}, "logit_bias", id="logit-bias"),
-    pytest.param({"response_format": {"type": "json_object"}}, "response_format", id="json-mode"),
+    pytest.param({"response_format": {"type": "json_schema"}}, "response_format.json_schema", id="json-schema-missing"),
+    pytest.param({"functions": [{"name": "f"}]}, "functions", id="legacy-functions"),
 ]
 
 
@@ -154,9 +159,9 @@ def test_continuing_a_conversation_needs_a_user_message(client: TestClient) -> N
         ({"prompt": [-1]}, "prompt"),
         ({"prompt": [[1, 2], []]}, "prompt"),
         ({"prompt": {"text": "a"}}, "prompt"),
-        ({"prompt": "a", "echo": True}, "echo"),
+        ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "a", "best_of": 3}, "best_of"),
-        ({"prompt": "a", "logprobs": 2}, "logprobs"),
+        ({"prompt": "a", "logprobs": 21}, "logprobs"),
     ],
 )
 def test_invalid_completion_requests(client: TestClient, body: dict[str, Any], param: str) -> None:

@@ -9,6 +9,9 @@ Design choices:
 - Only a stored conversation is trimmed, by whole turns, with `ConversationMemory` (the system prompt always
   stays): that is what server-side memory means. A request without `conversation_id` that does not fit is a
   400, never silently cut.
+- `tools` and `response_format` become a grammar in every choice's `SamplingParams` (`tools.py`); a schema the
+  grammar engine cannot compile is a 400 that names what it refused. Tool calls are read out of the text
+  (`tools.tool_calls`, or `ToolCallParser` while streaming) into OpenAI's `tool_calls`.
 - The UI and the WebSocket use `stream_reply`, which yields `ReplyEvent`s (start, token..., done, or one
   error) and defaults to the chat UI's gentler sampling (`CHAT_DEFAULTS`, the same as `mini-claude chat`); the
   OpenAI route uses OpenAI's defaults (temperature 1, top_p 1), because clients of that API expect them.
@@ -20,6 +23,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -33,9 +37,12 @@ from pydantic import ValidationError
 from mini_claude.agents import AgentSpec
 from mini_claude.chat.memory import ConversationMemory
 from mini_claude.engine import Completion
+from mini_claude.grammar import Grammar, GrammarError
+from mini_claude.server import tools
 from mini_claude.server.conversations import History, not_found
 from mini_claude.server.errors import APIError, generation_failed, invalid, validation_error
 from mini_claude.server.generation import DONE, EventStream, Handle, Job, sse, usage_of
+from mini_claude.server.logprobs import chat_logprobs
 from mini_claude.server.models import Route
 from mini_claude.server.protocol import (
     AssistantMessage,
@@ -77,6 +84,7 @@ class Context:
     system: str | None  # the system prompt to store with the conversation
     turns: list[dict[str, str]]  # the request's new (non-system) messages, to store
     history: History | None  # the stored conversation, when continuing one
+    native: bool = False  # the model's template renders the request's tools itself
 
 
 @dataclass
@@ -122,14 +130,43 @@ class ChatCompletions:
         if req.stream:
             return EventStream(self._events(job, handles, req.include_usage), handles, job.conversation_id)
         finals = await self.service.generation.collect(job, handles)
-        choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
-            for i, c in sorted(finals.items())
-        ]
+        choices = [self._choice(job, i, c, req.logprobs) for i, c in sorted(finals.items())]
         return ChatCompletionResponse(
             id=job.id, created=job.created, model=job.model, choices=choices, usage=usage_of(job, finals),
             conversation_id=job.conversation_id,
         )  # fmt: skip
+
+    def _choice(self, job: Job, index: int, c: Completion, logprobs: bool | None) -> ChatChoice:
+        message, finish = AssistantMessage(content=c.text), c.finish_reason
+        if job.tools is not None:
+            plan = dataclasses.replace(job.tools, ids=[])  # each choice its own call ids
+            content, calls = tools.tool_calls(plan, c.text)
+            if calls:
+                message = AssistantMessage(content=content, tool_calls=calls)
+                finish = "tool_calls" if finish == "stop" else finish
+        lp = chat_logprobs(self.service.engine, c.logprobs) if logprobs else None  # type: ignore[arg-type]
+        return ChatChoice(index=index, message=message, finish_reason=finish, logprobs=lp)  # type: ignore[arg-type]
+
+    def _grammar(self, req: ChatCompletionRequest) -> tuple[Grammar | None, tools.ToolPlan | None]:
+        """The grammar every choice is held to (and the tool plan behind it); 400 for what cannot compile."""
+        engine = self.service.engine
+        plan, grammar, param = None, None, "response_format"
+        if (mode := req.tool_mode) is not None:
+            functions = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+            plan = tools.ToolPlan(functions, mode, req.parallel_tool_calls is not False)
+            grammar, param = plan.grammar(), "tools"
+        elif req.response_format is not None and req.response_format.type == "json_object":
+            grammar = Grammar.json_schema({"type": "object"})
+        elif req.response_format is not None and req.response_format.type == "json_schema":
+            grammar = Grammar.json_schema(req.response_format.json_schema.schema_)  # type: ignore[union-attr]
+            param = "response_format.json_schema.schema"
+        if grammar is not None:
+            try:
+                engine.grammars.check(grammar)  # type: ignore[union-attr]
+            except GrammarError as exc:
+                raise invalid(f"Invalid value for '{param}': this schema is not supported: {exc}", param,
+                              "unsupported_schema") from None  # fmt: skip
+        return grammar, plan
 
     async def stream_reply(
         self,
@@ -212,15 +249,24 @@ class ChatCompletions:
     async def _context(
         self, req: ChatCompletionRequest, route: Route, key: str, default_system: str | None,
         count: Callable[[list[dict[str, str]]], int] | None = None, budget: int | None = None,
+        plan: tools.ToolPlan | None = None,
     ) -> Context:  # fmt: skip
         """The messages to send for `req` (from memory for a stored conversation), framed by the route's agent.
 
         `count` and `budget` trim a stored conversation to the context window (remote models pass neither:
-        their history is trimmed by turns only, and the upstream judges its own window).
+        their history is trimmed by turns only, and the upstream judges its own window). With tools (`plan`),
+        a template that knows tools gets the request's messages as they are (`Context.native`); otherwise tool
+        calls and results are written out as plain turns and the documented tool prompt follows the system
+        prompt (in the prompt only, never stored).
         """
         service, agent = self.service, route.agent
+        engine = service.engine
+        native = plan is not None and engine is not None and engine.tokenizer.knows_tools
+        tool_system = tools.system_prompt(plan.functions) if plan is not None and not native else None
         systems = [m.text for m in req.messages if m.norm_role == "system"]
-        turns = [m.to_template() for m in req.messages if m.norm_role != "system"]
+        # stored and remembered as plain turns: tool calls and results written out as the model saw them
+        turns = [tools.plain_turn(m.to_template()) for m in req.messages if m.norm_role != "system"]
+        given = [m.to_template() if native else tools.plain_turn(m.to_template()) for m in req.messages]
         history: History | None = None
         if req.conversation_id is not None:
             history = await service.db_call(service.conversations.load_history, req.conversation_id, key)
@@ -230,24 +276,30 @@ class ChatCompletions:
                 raise invalid("Invalid value for 'messages': continuing a conversation needs a new user message.",
                               "messages")  # fmt: skip
             system = systems[-1] if systems else None  # a new system prompt replaces the stored one
+            kept = system if system is not None else history.system_prompt
             memory = ConversationMemory(
-                system if system is not None else history.system_prompt, service.settings.memory_max_turns,
+                "\n\n".join(p for p in (kept, tool_system) if p) or None, service.settings.memory_max_turns,
                 budget, None if count is None else (lambda m: count(frame(agent, m))),
             )  # fmt: skip
             for m in history.messages + turns:
                 memory.add(m["role"], m["content"])
             messages = frame(agent, memory.context())
-        elif agent is not None:  # the agent's system prompt stands in for the server's default
-            system = "\n\n".join(systems) if systems else None
-            messages = frame(agent, [m.to_template() for m in req.messages], default_system)
         else:
-            system = "\n\n".join(systems) if systems else default_system
-            messages = [m.to_template() for m in req.messages]
-            if default_system is not None and not systems:
-                messages.insert(0, {"role": "system", "content": default_system})
+            if agent is not None:  # the agent's system prompt stands in for the server's default
+                system = "\n\n".join(systems) if systems else None
+                messages = frame(agent, given, default_system)
+            else:
+                system = "\n\n".join(systems) if systems else default_system
+                messages = given
+                if default_system is not None and not systems and not native:
+                    messages.insert(0, {"role": "system", "content": default_system})
+            if tool_system is not None:  # one system message: the caller's (or agent's), then the tool prompt
+                first = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+                prompt = "\n\n".join(p for p in (first, tool_system) if p)
+                messages = [{"role": "system", "content": prompt}] + [m for m in messages if m["role"] != "system"]
         if agent is not None and agent.knowledge:
             messages = (await service.knowledge.ground(agent, messages)).messages  # the retrieval hook
-        return Context(messages, system, turns, history)
+        return Context(messages, system, turns, history, native)
 
     async def _store(self, req: ChatCompletionRequest, job: Job, context: Context) -> None:
         """Store the request's new turns (or, for a retry of a finished request, take its stored reply)."""
@@ -275,22 +327,28 @@ class ChatCompletions:
         if route is None:
             route = Route(*service.models.select(req.model))
         window = engine.context_window
+        grammar, plan = self._grammar(req)
         requested = req.requested_max_tokens()
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        job = Job(new_id("chatcmpl"), route.model, [], [], req.stops, 0, adapter=route.adapter)
+        job = Job(new_id("chatcmpl"), route.model, [], [], req.stops, 0, adapter=route.adapter, tools=plan)
         job.key = idempotency_job_key(idempotency_key) or job.id
         reserve = requested or min(service.settings.max_tokens, window // 4)
         try:
             context = await self._context(
-                req, route, job.key, default_system, lambda m: len(engine.encode_chat(m)), max(window - reserve, 1)
-            )
-            ids = await anyio.to_thread.run_sync(engine.encode_chat, context.messages)  # off the event loop
+                req, route, job.key, default_system, lambda m: len(engine.encode_chat(m)), max(window - reserve, 1),
+                plan,
+            )  # fmt: skip
+            specs = [t.model_dump(exclude_none=True) for t in req.tools or []] if context.native else None
+            # rendering and tokenizing: off the event loop
+            ids = await anyio.to_thread.run_sync(engine.encode_chat, context.messages, specs)
         except TemplateError as exc:
             raise invalid(f"Invalid value for 'messages': the model's chat template refused them ({exc}).",
                           "messages") from None  # fmt: skip
         budget = generation.budget(requested, len(ids), "messages", param)
         job.prompts, job.prompt_tokens = [ids] * req.n, len(ids)
         job.params = [generation.params(req, budget, i, defaults) for i in range(req.n)]
+        if grammar is not None:
+            job.params = [dataclasses.replace(p, grammar=grammar) for p in job.params]
         await self._store(req, job, context)
         return job
 
@@ -302,14 +360,25 @@ class ChatCompletions:
         for i in range(1 if job.replay is not None else len(handles)):
             yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
         finals: dict[int, Completion] = {}
+        engine = self.service.engine
+        parsers = {i: tools.ToolCallParser(dataclasses.replace(job.tools, ids=[])) for i in range(len(handles))
+                   if job.tools is not None}  # fmt: skip
         try:
             async with aclosing(self.service.generation.generate(job, handles)) as events:
                 async for i, c in events:
-                    if c.text:
-                        yield chunk([ChatChunkChoice(index=i, delta={"content": c.text})])
+                    lp = chat_logprobs(engine, c.logprobs) if c.logprobs else None  # type: ignore[arg-type]
+                    lp = lp if lp is not None and lp.content else None
+                    deltas = parsers[i].feed(c.text) if i in parsers else [{"content": c.text}] if c.text else []
+                    for n, delta in enumerate(deltas):
+                        yield chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp if n == 0 else None)])
+                    if lp is not None and not deltas:  # tokens whose text is held back still report logprobs
+                        yield chunk([ChatChunkChoice(index=i, delta={}, logprobs=lp)])
                     if c.completion is not None:
                         finals[i] = c.completion
-                        yield chunk([ChatChunkChoice(index=i, finish_reason=c.completion.finish_reason)])
+                        finish = c.completion.finish_reason
+                        if i in parsers and parsers[i].called and finish == "stop":
+                            finish = "tool_calls"
+                        yield chunk([ChatChunkChoice(index=i, finish_reason=finish)])
         except (APIError, RuntimeError) as exc:
             yield sse(exc.body() if isinstance(exc, APIError) else generation_failed().body())
             yield DONE

@@ -53,7 +53,8 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if not loc and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
         return invalid("The request body must be a JSON object.", code="invalid_body")
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    if param is None and ": " in message and message.split(": ", 1)[0].isidentifier():
-        param, message = message.split(": ", 1)
+    if ": " in message and message.split(": ", 1)[0].isidentifier():  # a model-level check names its field
+        field, message = message.split(": ", 1)
+        param = f"{param}.{field}" if param else field
     text = f"Invalid value for '{param}': {message}" if param else message
     return invalid(text, param=param)

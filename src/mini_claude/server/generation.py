@@ -38,6 +38,7 @@ from mini_claude.server.response_cache import CachedReply
 
 if TYPE_CHECKING:
     from mini_claude.server.service import ChatService
+    from mini_claude.server.tools import ToolPlan
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Job:
     replay: Completion | None = None  # the reply stored by an earlier attempt of this same request
     adapter: str | None = None  # the LoRA adapter the model id names; None for the base model
     cache_key: Hashable | None = None  # set when the answer, once finished, goes into the response cache
+    tools: ToolPlan | None = None  # the request's tools, when the model may call them
 
 
 @dataclass

@@ -6,9 +6,11 @@ Design choices:
   OpenAI's error shape. Numbers that would make the sampler overflow are kept out by the same ranges, so no
   request can crash a decode step that other requests share.
 - Unknown fields are ignored, as vLLM does, so clients that send newer OpenAI fields keep working. Known
-  OpenAI features that this server does not implement (tools, logprobs, penalties other than
-  `repetition_penalty`, ...) are *refused* when set to a non-default value rather than silently ignored:
-  a caller that asks for them would otherwise get something other than what it asked for.
+  OpenAI features that this server does not implement (penalties other than `repetition_penalty`,
+  `logit_bias`, the legacy `functions`, `best_of`, `suffix`) are *refused* when set to a non-default value
+  rather than silently ignored: a caller that asks for them would otherwise get something other than what it
+  asked for. Tools, `response_format` and log-probabilities are implemented (see `server/tools.py`); whether
+  a schema is supported is decided where the tokenizer is (a 400 naming the feature).
 - Extensions ride in the same body (the `openai` client sends them through `extra_body`): `top_k`,
   `repetition_penalty`, `ignore_eos` (vLLM's name) and `conversation_id` for server-side memory.
 - Booleans are strict (`"stream": "yes"` is an error, not true). Every string is checked to be valid
@@ -19,11 +21,12 @@ Design choices:
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from mini_claude.generate import SamplingParams
+from mini_claude.generate import MAX_TOP_LOGPROBS, SamplingParams
 from mini_claude.server.protocol.common import INT64, Text, _Request
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -42,12 +45,37 @@ class TextPart(_Request):
     text: Text
 
 
-class ChatMessage(_Request):
-    """One message. `developer` is OpenAI's newer name for `system`; content may be a list of text parts."""
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for function names
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+
+class FunctionCall(_Request):
+    name: Text
+    arguments: Text  # a JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Request):
+    """One message. `developer` is OpenAI's newer name for `system`; content may be a list of text parts. An
+    assistant message may carry `tool_calls` (and no content); a `tool` message answers one by its id."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None
+
+    @model_validator(mode="after")
+    def _check_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (only an assistant message with tool_calls may leave it out)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: required in a tool message")
+        return self
 
     @property
     def norm_role(self) -> str:
@@ -55,10 +83,72 @@ class ChatMessage(_Request):
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
-    def to_template(self) -> dict[str, str]:
-        return {"role": self.norm_role, "content": self.text}
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool-call arguments as objects, as Hugging Face's do)."""
+        out: dict[str, Any] = {"role": self.norm_role, "content": self.text}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(_Request):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: dict[str, Text]
+
+    @model_validator(mode="after")
+    def _check_name(self) -> NamedToolChoice:
+        if "name" not in self.function:
+            raise ValueError("tool_choice: a named choice needs function.name")
+        return self
+
+
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: Text | None = None
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Request):
+    """`text` (free), `json_object` (any JSON object) or `json_schema` (JSON that validates against it)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is json_schema")
+        return self
 
 
 class StreamOptions(_Request):
@@ -135,7 +225,13 @@ class SamplingRequest(_Request):
             repetition_penalty=d["repetition_penalty"],
             seed=None if self.seed is None else self.seed + choice,
             ignore_eos=self.ignore_eos,
+            logprobs=self.top_logprob_count() is not None,
+            top_logprobs=self.top_logprob_count() or 0,
         )
+
+    def top_logprob_count(self) -> int | None:
+        """None: no log-probabilities; else how many alternatives per token."""
+        return None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -152,25 +248,45 @@ class ChatCompletionRequest(SamplingRequest):
     )
     store: StrictBool | None = Field(None, description="false: do not store this exchange (default: store it).")
     logprobs: StrictBool | None = None
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
     functions: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: only allowed when logprobs is true")
+        names = [t.function.name for t in self.tools or []]
+        if self.tool_choice is not None and self.tool_choice != "none" and not names:
+            raise ValueError("tool_choice: only allowed when tools are given")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function["name"] not in names:
+            raise ValueError(f"tool_choice: no tool named {self.tool_choice.function['name']!r} was given")
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if names and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: cannot be combined with tools on this server")
+        return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), "auto", "required", or the one function's name."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function["name"]
+        return self.tool_choice or "auto"
+
+    def top_logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def unsupported_in_use(self) -> list[str]:
-        used = {
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": bool(self.top_logprobs),
-            "tools": bool(self.tools),
-            "functions": bool(self.functions),
-            "tool_choice": self.tool_choice not in (None, "none", "auto"),
-            "response_format": self.response_format is not None and self.response_format.get("type") != "text",
-        }
-        return super().unsupported_in_use() + [name for name, value in used.items() if value]
+        return super().unsupported_in_use() + (["functions"] if self.functions else [])
 
 
 TokenIds = list[Annotated[int, Field(ge=0, lt=INT64)]]
@@ -184,21 +300,29 @@ class CompletionRequest(SamplingRequest):
     prompt: Text | list[Text] | TokenIds | list[TokenIds] = Field(
         ..., description="Text, a list of texts, token ids, or a list of token-id lists."
     )
-    max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI's default: 16).")
-    echo: StrictBool | None = None
+    max_tokens: int | None = Field(
+        16, ge=0, description="Most tokens to generate (OpenAI's default: 16); 0 with `echo` scores the prompt."
+    )
+    echo: StrictBool | None = Field(None, description="Return the prompt before the completion (and its logprobs).")
     best_of: int | None = None
     suffix: Text | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token to report.")
 
     @model_validator(mode="after")
     def _check_prompt(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt: must not be an empty list")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo (to score the prompt)")
+        if self.max_tokens == 0 and self.stream:
+            raise ValueError("max_tokens: 0 is not allowed with stream")
         return self
 
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
+
     def unsupported_in_use(self) -> list[str]:
-        used = {"echo": bool(self.echo), "best_of": (self.best_of or 1) > 1, "suffix": bool(self.suffix),
-                "logprobs": self.logprobs is not None}  # fmt: skip
+        used = {"best_of": (self.best_of or 1) > 1, "suffix": bool(self.suffix)}
         return super().unsupported_in_use() + [name for name, value in used.items() if value]
 
     @property
@@ -222,16 +346,54 @@ class Usage(BaseModel):
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobInfo(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat completions' `logprobs`: one entry per generated token."""
+
+    content: list[TokenLogprobInfo] | None
+    refusal: list[TokenLogprobInfo] | None = None
+
+
+class LegacyLogprobs(BaseModel):
+    """Text completions' `logprobs` (OpenAI's legacy shape); with `echo` the prompt's tokens come first and the
+    very first has no log-probability (nothing precedes it)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class OutputToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # name, arguments (a JSON text)
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[OutputToolCall] | None = None
+    refusal: str | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: FinishReason
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -247,9 +409,10 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str] = Field(default_factory=dict)  # {"role": ...} first, then {"content": ...}, then {}
-    finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    # {"role": ...} first, then {"content": ...} or {"tool_calls": [...]} (OpenAI's delta shape), then {}
+    delta: dict[str, Any] = Field(default_factory=dict)
+    finish_reason: FinishReason | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -266,7 +429,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: LegacyLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
