@@ -393,8 +393,9 @@ def test_completion_to_dict_fields(engine: Engine) -> None:
     d = completion.to_dict()
     assert set(d) == {
         "text", "prompt_ids", "completion_ids", "finish_reason", "ttft_ms", "decode_tokens_per_s",
-        "truncated_prompt_tokens", "prompt_tokens", "completion_tokens",
+        "truncated_prompt_tokens", "prompt_tokens", "completion_tokens", "logprobs",
     }  # fmt: skip
+    assert not d["logprobs"]  # only when asked for (SamplingParams.logprobs)
     assert d["prompt_tokens"] == len(d["prompt_ids"]) == len(completion.prompt_ids)
     assert d["completion_tokens"] == len(d["completion_ids"]) == 6
     assert d["finish_reason"] == "length" and d["truncated_prompt_tokens"] == 0

@@ -110,7 +110,7 @@ def test_int4_layer_is_one_model_on_its_dense_and_kernel_paths() -> None:
     linear = nn.Linear(64, 48)
     layer = Q.Int4Linear.from_linear(linear)
     blocks = Q.Int4Blocks(*Q.quantize_int4(linear.weight.detach()))
-    assert torch.equal(layer.dense, Q.dequantize_int4(blocks.q, blocks.scales, blocks.zeros).to(torch.bfloat16))
+    assert torch.equal(layer.dense, Q.dequantize_int4(blocks.q, blocks.scales, blocks.zeros).to(Q.dense_dtype()))
     x = torch.randn(Q.DENSE_ROWS + 1, 64)
     dense = layer(x)
     kernel = torch.cat([layer(x[: Q.DENSE_ROWS]), layer(x[Q.DENSE_ROWS :])])

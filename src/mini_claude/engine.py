@@ -38,6 +38,16 @@ from mini_claude.model import Transformer
 from mini_claude.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
+def release_heap() -> None:
+    """Give the heap's free pages back to the operating system (glibc's `malloc_trim`; a no-op elsewhere).
+
+    Generation reuses the heap for its short-lived buffers (see `_eager_memory_release`), so a long prefill's
+    temporaries stay resident after it ends; the scheduler calls this when it goes idle.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @contextlib.contextmanager
 def _eager_memory_release() -> Iterator[None]:
     """Keep a model load's temporaries from inflating the process for good (glibc only; a no-op elsewhere).

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from mini_claude.engine import Engine, TextAssembler, TextChunk
+from mini_claude.engine import Engine, TextAssembler, TextChunk, release_heap
 from mini_claude.generate import BatchGenerator, SamplingParams, SequenceState
 from mini_claude.kv_cache import CacheStats
 
@@ -219,12 +219,17 @@ class Scheduler:
         torch.set_num_threads(self._threads)
         gen = self._generator()
         active: dict[int, tuple[SequenceState, RequestHandle, TextAssembler]] = {}
+        trimmed = True
         while True:
+            if not gen.running and not trimmed:  # idle: what the last requests' temporaries held goes back
+                release_heap()
+                trimmed = True
             with self._wake:
                 while not self._closed and not self._pending and not self._calls and not gen.running:
                     self._wake.wait()
                 if self._closed:
                     break
+                trimmed = False
                 calls = list(self._calls)
                 self._calls.clear()
                 admitted = [self._pending.popleft() for _ in range(min(gen.n_free, len(self._pending)))]

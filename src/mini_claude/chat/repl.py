@@ -31,7 +31,7 @@ class ChatREPL:
         params: SamplingParams,
         system_prompt: str | None = None,
         max_turns: int = 20,
-        out: TextIO = sys.stdout,
+        out: TextIO | None = None,
         adapter: str | None = None,
         examples: list[dict[str, str]] | None = None,
         name: str | None = None,
@@ -43,7 +43,7 @@ class ChatREPL:
         self.examples = list(examples or [])  # an agent's few-shot messages: after the system prompt, never trimmed
         self.name = name  # the agent's, when chatting with one
         self.stop = list(stop or [])
-        self.out = out
+        self.out = out if out is not None else sys.stdout  # looked up now: a default would bind at import
         budget = engine.context_window - params.max_new_tokens
         self.memory = ConversationMemory(system_prompt, max_turns, budget, self._count_tokens)
 

@@ -81,7 +81,7 @@ async def list_predictions(
     service: PredictDep,
     model: str | None = None,
     request_id: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,  # as OpenAI's list endpoints (one more row is read for has_more)
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> PredictionList:
     """Logged predictions, newest first (filter by `model` or `request_id`)."""
