@@ -92,4 +92,13 @@ inline at::BFloat16 from_float<at::BFloat16>(float v) {
   return b;
 }
 
+#ifdef MC_AVX2
+// The sum of a vector's 8 floats.
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 }  // namespace mini_claude
