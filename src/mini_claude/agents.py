@@ -27,10 +27,12 @@ Design choices (see ../shared/reference/rag-agents.md, section 7):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mini_claude.text import Text
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 INT64 = 2**63
@@ -44,17 +46,6 @@ UNSUPPORTED = {
     "license": "not part of an agent here",
     "requires": "not part of an agent here",
 }
-
-
-def _valid_unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the text is not valid Unicode (it contains a lone surrogate)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]  # JSON may carry lone surrogates; no store or model can
 
 
 class _Strict(BaseModel):

@@ -48,7 +48,6 @@ from mini_claude.server.protocol.common import (
     ErrorDetail,
     ErrorResponse,
     HealthResponse,
-    Text,
     new_id,
     now,
 )
@@ -75,6 +74,7 @@ from mini_claude.server.protocol.models import (
     ModelDetails,
     ModelList,
 )
+from mini_claude.text import Text
 
 __all__ = [
     "GREEDY_BELOW",

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from mini_claude.server.protocol.common import Text, _Request
+from mini_claude.server.protocol.common import _Request
+from mini_claude.text import Text
 
 MAX_INPUT_CHARS = 4096
 SpeechFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]

@@ -27,7 +27,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from mini_claude.generate import MAX_TOP_LOGPROBS, SamplingParams
-from mini_claude.server.protocol.common import INT64, Text, _Request
+from mini_claude.server.protocol.common import INT64, _Request
+from mini_claude.text import Text
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_CHOICES = 16

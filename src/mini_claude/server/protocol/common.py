@@ -5,22 +5,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 INT64 = 2**63
-
-
-def _valid_unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the text is not valid Unicode (it contains a lone surrogate)") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 def new_id(prefix: str) -> str:

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mini_claude.server.protocol.common import Text, _Request
+from mini_claude.server.protocol.common import _Request
+from mini_claude.text import Text
 
 
 class FineTuneHyperparameters(BaseModel):
