@@ -155,6 +155,7 @@ class PagedKVCache:
         shape = (n_blocks, config.n_layer, 2, config.n_kv_head, block_size, config.head_dim)
         self.pool, self._map = _anonymous_pool(shape, dtype, device)  # type: ignore[arg-type]
         self.block_bytes = math.prod(shape[1:]) * self.pool.element_size()
+        self._all_pools: tuple[list[Tensor], list[Tensor]] | None = None
         self.prefix_cache_blocks = prefix_cache_blocks
         self.warm_limit = warm_blocks
         self.ref = [0] * n_blocks
@@ -319,6 +320,14 @@ class PagedKVCache:
     def pools(self, layer: int) -> tuple[Tensor, Tensor]:
         """One layer's key and value pools, (n_blocks, n_kv_head, block_size, head_dim) views of the one pool."""
         return self.pool[:, layer, 0], self.pool[:, layer, 1]
+
+    def all_pools(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Every layer's pools at once (the kernels' `DecodeStack` takes them per step); made once: the pool
+        never moves."""
+        if self._all_pools is None:
+            layers = range(self.pool.shape[1])
+            self._all_pools = ([self.pool[:, i, 0] for i in layers], [self.pool[:, i, 1] for i in layers])
+        return self._all_pools
 
     def block_tables(self, slots: Tensor | list[int] | None, batch: int) -> Tensor:
         """(B, max_blocks) int32: each row's blocks in position order (padded with block 0, never read)."""

@@ -251,6 +251,10 @@ class KVCache:
         `kernels.decode_attention` reads: here each slot is one block holding its whole capacity."""
         return self.k[layer], self.v[layer]
 
+    def all_pools(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Every layer's `pools` at once (what the kernels' `DecodeStack` takes)."""
+        return self.k, self.v
+
     def block_tables(self, slots: Tensor | None, batch: int) -> Tensor:
         """(B, max_blocks) int32: the blocks of each row's sequence, in order; here just its slot."""
         rows = torch.arange(batch) if slots is None else slots
@@ -405,6 +409,9 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._tables: dict[str, Tensor] = {}  # RoPE / sinusoidal tables, built lazily (works on the meta device)
+        # The kernels' one-call decode step (see `decode_stack`), and the modules it was made from.
+        self.use_decode_stack = True
+        self._stack: tuple[object | None, list[tuple[object, ...]]] | None = None
 
     # Positions tables are derived data, never saved, and built on first use on the weights' device.
     def _table(self, name: str, device: torch.device) -> Tensor:
@@ -502,15 +509,85 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(positions)
         else:
             x = x + self._table("sinusoidal", x.device)[positions].to(x.dtype)
-        ctx = ForwardContext(
-            positions=positions.long(), cos=cos, sin=sin, cache=cache, slots=slots, decode=True,
-            block_tables=cache.block_tables(slots, B), lengths=(positions[:, 0] + 1).to(torch.int32),
-        )  # fmt: skip
-        for layer in self.layers:
-            x = layer(x, ctx)
+        tables, lengths = cache.block_tables(slots, B), (positions[:, 0] + 1).to(torch.int32)
+        positions = positions.long()
+        stack = self.decode_stack()
+        if stack is not None:  # the same kernels as the loop below, called from C++: no per-module Python
+            x = stack.forward(x, positions, cos, sin, *cache.all_pools(), tables, lengths)
+        else:
+            ctx = ForwardContext(
+                positions=positions, cos=cos, sin=sin, cache=cache, slots=slots, decode=True, block_tables=tables,
+                lengths=lengths,
+            )  # fmt: skip
+            for layer in self.layers:
+                x = layer(x, ctx)
         if logits_rows is not None:
             x = x[logits_rows]  # (K, 1, dim)
         return self.lm_head(self.norm(x))
+
+    def decode_stack(self) -> object | None:
+        """The kernels' `DecodeStack` for this model, or None where the blocks must run as Python modules.
+
+        A decode step is ~10 kernel calls per block, and the nn.Module calls around them cost as much as the
+        kernels (~5 ms of Python per token for the bundled 30 blocks). The stack makes the same calls, in the
+        same order, from C++, so its logits equal the module loop's bit for bit (tests/test_decode_stack.py).
+        It is made from the modules as they are: every block a Llama block with RMSNorms and fused low-bit
+        q/k/v and gate/up projections. Anything else (dense weights, GPT-2 blocks, a LoRA adapter wrapping a
+        projection, an attention recording its weights) keeps the module loop. It is remade whenever a
+        block's modules are replaced (checked each step) or the model is moved or cast (`_apply`).
+        """
+        if not self.use_decode_stack or torch.is_grad_enabled():  # the kernels have no backward
+            return None
+        structure = self._structure()
+        if self._stack is None or self._stack[1] != structure:
+            self._stack = (self._make_stack(), structure)
+        return self._stack[0]
+
+    def _structure(self) -> list[tuple[object, ...]]:
+        """Each block's modules and its attention's `record_weights`: what a stack depends on. Read from
+        `_modules` directly, the cheap way (nn.Module attribute lookups cost ~1 us each, every step)."""
+        out = []
+        for block in self._modules["layers"]._modules.values():  # type: ignore[union-attr]
+            attn, mlp = block._modules["self_attn"], block._modules["mlp"]  # type: ignore[union-attr]
+            out.append(
+                (*block._modules.values(), *attn._modules.values(), *mlp._modules.values(), attn.record_weights)  # type: ignore[union-attr]
+            )
+        return out
+
+    def _make_stack(self) -> object | None:
+        ops = kernels.load()
+        dtype = self.embed_tokens.weight.dtype
+        if ops is None or dtype not in FAST_DTYPES or not hasattr(ops, "DecodeStack"):
+            return None
+        linears, norms, eps = [], [], set()
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            if attn.record_weights or getattr(mlp, "kind", None) != "swiglu":
+                return None
+            if attn.qkv_parts != (attn.q_proj, attn.k_proj, attn.v_proj) or mlp.gate_up_parts != (
+                mlp.gate_proj,
+                mlp.up_proj,
+            ):
+                return None  # not fused (dense weights), or a part wrapped by an adapter
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                if type(norm) is not RMSNorm or norm.weight.dtype != dtype:
+                    return None
+                norms.append(norm.weight)
+                eps.add(norm.eps)
+            for layer in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                to_stack = getattr(layer, "to_stack", None)
+                linear = to_stack(ops) if to_stack is not None else None
+                if linear is None:
+                    return None
+                linears.append(linear)
+        if len(eps) != 1:
+            return None
+        a = self.layers[0].self_attn
+        return ops.DecodeStack(linears, norms, eps.pop(), a.n_head, a.n_kv_head, a.head_dim, a.head_dim**-0.5)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        self._stack = None  # .to() / .half() / ... may replace the tensors a stack holds
+        return super()._apply(fn, recurse)
 
     @staticmethod
     def _mask(positions: Tensor, n_keys: int, default_positions: bool, with_cache: bool) -> tuple[bool, Tensor | None]:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +226,11 @@ class _LowBitLinear(nn.Module):
             layer.dense = self.dense[start:stop]  # type: ignore[index]
         return layer
 
+    def to_stack(self, ops: ModuleType) -> Any | None:
+        """This layer as one linear of the kernels' `DecodeStack` (the same call `forward` makes on the decode
+        path), or None when `forward` would not call our kernel."""
+        return None
+
     @staticmethod
     def fusable(layers: list[nn.Module]) -> bool:
         """Whether `layers` can become one matmul: same class and input, our layout, whole tiles of rows."""
@@ -283,6 +290,13 @@ class Int8Linear(_LowBitLinear):
             blocks = Int8Blocks(q, s[:, None])
         return cls(blocks, linear.bias, float_out)
 
+    def to_stack(self, ops: ModuleType) -> Any | None:
+        if not self.kernel or self.float_out:
+            return None
+        return ops.StackLinear(
+            2, self.qweight, self.scales, None, self.bias, None, self.in_features, self.out_features
+        )  # fmt: skip
+
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel:
             ops = kernels.load()
@@ -320,6 +334,14 @@ class Int4Linear(_LowBitLinear):
         blocks = blocks or Int4Blocks(*quantize_int4(linear.weight.detach()))
         dense = dequantize_int4(blocks.q, blocks.scales, blocks.zeros) if keep_dense else None
         return cls(blocks, linear.bias, dense)
+
+    def to_stack(self, ops: ModuleType) -> Any | None:
+        if not self.kernel:
+            return None
+        return ops.StackLinear(
+            1, self.qweight, self.scales, self.mins, self.bias, self.dense, self.in_features, self.out_features,
+            DENSE_ROWS,
+        )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         if self.dense is not None and x.numel() > DENSE_ROWS * self.in_features:

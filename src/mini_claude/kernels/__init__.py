@@ -38,7 +38,7 @@ from types import ModuleType
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ops.cpp", "lowbit.cpp", "decode.cpp", "pool.cpp")
+SOURCES = ("ops.cpp", "lowbit.cpp", "decode.cpp", "pool.cpp", "stack.cpp")
 HEADERS = ("kernels.h",)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wno-unused-function")
 LDFLAGS = ("-fopenmp",)

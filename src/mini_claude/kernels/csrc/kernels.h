@@ -12,6 +12,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MC_AVX512 1
@@ -53,6 +54,40 @@ at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& positions, con
                          const at::Tensor& block_tables, int64_t n_head, int64_t n_kv_head);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+
+// One decode step through all blocks of a Llama-style model (stack.cpp): Python builds it from the model's
+// layers (model.py, Transformer.decode_stack) and calls `forward` once per step instead of ~10 calls per block.
+struct StackLinear {
+  enum Kind : int64_t { kDense = 0, kQ4 = 1, kQ8 = 2 };
+  int64_t kind = kDense;
+  at::Tensor weight;                // dense (out, in) weight, or the packed qweight
+  at::Tensor scales, mins;          // low-bit only (mins: int4 only)
+  c10::optional<at::Tensor> bias;
+  at::Tensor dense;                 // int4 only, optional: the dense copy used above `dense_rows` input rows
+  int64_t in_features = 0, out_features = 0, dense_rows = 0;
+  at::Tensor operator()(const at::Tensor& x) const;
+};
+
+class DecodeStack {
+ public:
+  // Per block, in order: linears qkv, o, gate_up, down and norms input, post-attention.
+  DecodeStack(std::vector<StackLinear> linears, std::vector<at::Tensor> norms, double eps, int64_t n_head,
+              int64_t n_kv_head, int64_t head_dim, double scale);
+  // x (B, 1, dim) -> the residual stream after the last block; the pools are each block's cache, as
+  // rope_kv_write and decode_attention take them.
+  at::Tensor forward(at::Tensor x, const at::Tensor& positions, const c10::optional<at::Tensor>& cos,
+                     const c10::optional<at::Tensor>& sin, const std::vector<at::Tensor>& k_pools,
+                     const std::vector<at::Tensor>& v_pools, const at::Tensor& block_tables,
+                     const at::Tensor& lengths) const;
+  int64_t layers() const { return static_cast<int64_t>(norms_.size() / 2); }
+
+ private:
+  std::vector<StackLinear> linears_;
+  std::vector<at::Tensor> norms_;
+  double eps_;
+  int64_t n_head_, n_kv_head_, head_dim_;
+  double scale_;
+};
 
 // float <-> bfloat16 / half, bit-exact with torch's conversions (round to nearest even).
 inline float bf16_to_float(uint16_t v) {

@@ -50,6 +50,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kv_write", &rope_kv_write);
   m.def("rms_norm", &rms_norm);
   m.def("silu_mul", &silu_mul);
+  py::class_<StackLinear>(m, "StackLinear", "one linear layer of a DecodeStack: dense, int4 or int8")
+      .def(py::init([](int64_t kind, at::Tensor weight, c10::optional<at::Tensor> scales,
+                       c10::optional<at::Tensor> mins, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> dense,
+                       int64_t in_features, int64_t out_features, int64_t dense_rows) {
+             StackLinear l;
+             l.kind = kind;
+             l.weight = std::move(weight);
+             if (scales) l.scales = *scales;
+             if (mins) l.mins = *mins;
+             l.bias = std::move(bias);
+             if (dense) l.dense = *dense;
+             l.in_features = in_features;
+             l.out_features = out_features;
+             l.dense_rows = dense_rows;
+             return l;
+           }),
+           py::arg("kind"), py::arg("weight"), py::arg("scales"), py::arg("mins"), py::arg("bias"), py::arg("dense"),
+           py::arg("in_features"), py::arg("out_features"), py::arg("dense_rows") = 0)
+      .def("__call__", &StackLinear::operator());
+  py::class_<DecodeStack>(m, "DecodeStack", "one decode step through every block in one call (stack.cpp)")
+      .def(py::init<std::vector<StackLinear>, std::vector<at::Tensor>, double, int64_t, int64_t, int64_t, double>())
+      .def("forward", &DecodeStack::forward)
+      .def_property_readonly("layers", &DecodeStack::layers);
   m.def("quantize_activations", &quantize_activations);
   m.def("set_portable", &set_portable, "force the portable C++ kernels (tests compare them with the vector ones)");
   m.def("portable", &portable);
