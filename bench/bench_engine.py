@@ -55,6 +55,8 @@ BACKENDS: dict[str, tuple[str, dict[str, str]]] = {
     "mc-int4": ("mini-claude", {"dtype": "bfloat16", "quantize": "int4"}),
     # the same model on PyTorch's own kernels (what runs when the C++ kernels cannot be built)
     "mc-int4-torch": ("mini-claude", {"dtype": "bfloat16", "quantize": "int4"}),
+    # the same kernels called from the Python module loop instead of the one-call DecodeStack (the eager path)
+    "mc-int4-modules": ("mini-claude", {"dtype": "bfloat16", "quantize": "int4"}),
     "mc-bf16": ("mini-claude", {"dtype": "bfloat16", "quantize": "none"}),
     "mc-fp32": ("mini-claude", {"dtype": "float32", "quantize": "none"}),
     "hf-fp32": ("transformers", {"dtype": "float32"}),
@@ -63,9 +65,10 @@ BACKENDS: dict[str, tuple[str, dict[str, str]]] = {
     # llama.cpp's own benchmark binary (built by scripts/build_llama_cpp.sh): tg128, pp40 and pp512 only
     "llama-bench": ("llama-bench", {}),
 }
-ENV = {"mc-int4-torch": {"MINI_CLAUDE_KERNELS": "0"}}  # extra environment of a backend's worker
+# extra environment of a backend's worker
+ENV = {"mc-int4-torch": {"MINI_CLAUDE_KERNELS": "0"}, "mc-int4-modules": {"MINI_CLAUDE_DECODE_STACK": "0"}}
 DEFAULT_BACKENDS = "mc-int4,mc-int4-torch,mc-bf16,hf-fp32,hf-bf16,llama.cpp,llama-bench"
-BASE, PEERS = "mc-int4", ("hf-fp32", "hf-bf16", "llama.cpp", "llama-bench", "mc-int4-torch")
+BASE, PEERS = "mc-int4", ("hf-fp32", "hf-bf16", "llama.cpp", "llama-bench", "mc-int4-torch", "mc-int4-modules")
 LLAMA_BENCH = Path.home() / ".cache" / "mini-claude" / "llama.cpp" / "build" / "bin" / "llama-bench"
 
 # key, label, which way is better, unit

@@ -28,6 +28,7 @@ This is the network that answers in `mini-claude chat`, not a simplified copy of
 from __future__ import annotations
 
 import math
+import os
 from types import ModuleType
 
 import torch
@@ -410,7 +411,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._tables: dict[str, Tensor] = {}  # RoPE / sinusoidal tables, built lazily (works on the meta device)
         # The kernels' one-call decode step (see `decode_stack`), and the modules it was made from.
-        self.use_decode_stack = True
+        # MINI_CLAUDE_DECODE_STACK=0 keeps the module loop (benchmarks compare the two).
+        stack_setting = os.environ.get("MINI_CLAUDE_DECODE_STACK", "1").lower()
+        self.use_decode_stack = stack_setting not in ("0", "false", "off", "no")
         self._stack: tuple[object | None, list[tuple[object, ...]]] | None = None
 
     # Positions tables are derived data, never saved, and built on first use on the weights' device.
