@@ -143,3 +143,21 @@ def test_the_loop_computes_on_as_many_threads_as_its_creator(engine: Engine) -> 
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {2}
+
+
+def test_the_prefix_cache_budget_is_memory_by_default(engine: Engine) -> None:
+    """64 MiB hold twice as many bfloat16 positions as float32 ones; a token count, when given, wins."""
+    from mini_claude.kv_cache import kv_bytes_per_token
+
+    config, dtype = engine.model.config, engine.model.embed_tokens.weight.dtype
+    per_token = config.n_layer * 2 * config.n_kv_head * config.head_dim * dtype.itemsize
+    assert kv_bytes_per_token(config, dtype) == per_token
+    assert kv_bytes_per_token(config, torch.float32) == 2 * kv_bytes_per_token(config, torch.bfloat16)
+    by_memory = Scheduler(engine, max_batch=1, prefix_cache_mb=16)
+    by_tokens = Scheduler(engine, max_batch=1, prefix_cache_tokens=300, prefix_cache_mb=16)
+    try:
+        assert by_memory.prefix_cache_tokens == 16 * 2**20 // per_token
+        assert by_tokens.prefix_cache_tokens == 300
+    finally:
+        by_memory.close()
+        by_tokens.close()

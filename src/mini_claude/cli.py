@@ -275,6 +275,7 @@ def serve(
     quantize: Literal["auto", "none", "int8", "int4"] | None = None,
     threads: int | None = None,
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+    prefix_cache_mb: float | None = None,
     prefix_cache_tokens: int | None = None,
     response_cache_size: int | None = None,
 ) -> None:
@@ -296,7 +297,8 @@ def serve(
         quantize: weight format: auto (int4 for 4-bit files, else int8), int4, int8, or none (dense).
         threads: CPU threads for the matrix kernels.
         log_level: uvicorn's log level.
-        prefix_cache_tokens: prompt positions whose keys/values stay cached after their requests (default 8192).
+        prefix_cache_mb: memory for prompt keys/values kept for reuse after their requests (default 64 MiB).
+        prefix_cache_tokens: the same budget in prompt positions (overrides prefix_cache_mb; 0 turns it off).
         response_cache_size: deterministic replies kept for identical requests (default 0: off).
     """
     import uvicorn
@@ -305,7 +307,7 @@ def serve(
 
     overrides = {"model": model, "host": host, "port": port, "database_url": database_url,
                  "max_batch_size": max_batch_size, "adapters": adapter, "prefix_cache_tokens": prefix_cache_tokens,
-                 "response_cache_size": response_cache_size}  # fmt: skip
+                 "prefix_cache_mb": prefix_cache_mb, "response_cache_size": response_cache_size}  # fmt: skip
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     engine = load_engine(settings.model, settings, dtype, quantize, threads, adapters=settings.adapters)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:

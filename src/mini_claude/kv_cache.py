@@ -120,6 +120,12 @@ class _Plan:
     chunks: list[_Chunk] = field(default_factory=list)
 
 
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Memory one position's keys and values take in every layer."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return config.n_layer * 2 * config.n_kv_head * config.head_dim * element  # type: ignore[operator]
+
+
 def _anonymous_pool(
     shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
 ) -> tuple[Tensor, mmap.mmap | None]:

@@ -33,7 +33,7 @@ import torch
 
 from mini_claude.engine import Engine, TextAssembler, TextChunk, release_heap
 from mini_claude.generate import BatchGenerator, SamplingParams, SequenceState
-from mini_claude.kv_cache import CacheStats
+from mini_claude.kv_cache import CacheStats, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,17 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 8, prefix_cache_tokens: int = 8192) -> None:
+    def __init__(
+        self, engine: Engine, max_batch: int = 8, prefix_cache_tokens: int | None = None, prefix_cache_mb: float = 64.0
+    ) -> None:
+        """The prefix cache holds `prefix_cache_tokens` positions, or by default what `prefix_cache_mb` MiB
+        hold: a budget in bytes keeps memory the same whatever the model's dtype and shape (a float32 cache
+        costs twice a bfloat16 one per token)."""
         self.engine = engine
         self.max_batch = max_batch
+        if prefix_cache_tokens is None:
+            per_token = kv_bytes_per_token(engine.model.config, engine.model.embed_tokens.weight.dtype)
+            prefix_cache_tokens = int(prefix_cache_mb * 2**20) // per_token
         self.prefix_cache_tokens = prefix_cache_tokens
         self.stats = SchedulerStats()
         # OpenMP keeps its thread count per calling thread: torch.set_num_threads in the thread that loaded the

@@ -49,8 +49,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     max_batch_size: int = Field(8, ge=1, le=256, description="Sequences decoded together by the scheduler.")
     ui: bool = Field(True, description="Mount the web UI at /ui (when its dependencies are installed).")
-    prefix_cache_tokens: int = Field(
-        8192, ge=0, description="Prompt positions whose keys/values stay cached for reuse after their requests end."
+    prefix_cache_mb: float = Field(
+        64.0, ge=0, description="Memory for prompt keys/values kept for reuse after their requests end (MiB)."
+    )
+    prefix_cache_tokens: int | None = Field(
+        None, ge=0, description="The same budget in prompt positions; when set, it overrides prefix_cache_mb."
     )
     response_cache_size: int = Field(
         0, ge=0, description="Deterministic replies (temperature 0 or a seed) kept for identical requests; 0: off."

@@ -73,7 +73,9 @@ class ChatService:
 
     def start(self, engine: Engine, db: Database, scheduler: Scheduler | None = None) -> None:
         self.engine, self.db = engine, db
-        self.scheduler = scheduler or Scheduler(engine, self.settings.max_batch_size, self.settings.prefix_cache_tokens)
+        self.scheduler = scheduler or Scheduler(
+            engine, self.settings.max_batch_size, self.settings.prefix_cache_tokens, self.settings.prefix_cache_mb
+        )
         sched = self.scheduler
         self.metrics.watch_scheduler(lambda: sched.stats.waiting, lambda: sched.stats.running)
         self.metrics.watch_cache(lambda: sched.stats, lambda: self.responses.stats)
