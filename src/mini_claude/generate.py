@@ -315,7 +315,8 @@ class BatchGenerator:
             self.cache.commit(s.slot, s.tokens(), s.n_computed, s.namespace)
             if not s.prefilling:
                 sampled.append(s)
-        bad = logits.isnan().any(-1).tolist()  # one check for the batch; a NaN row fails its sequence alone
+        # One check for the batch (max propagates NaN: one pass, no mask); a NaN row fails its sequence alone.
+        bad = logits.amax(-1).isnan().tolist()
         for row, s in enumerate(sampled):
             events.append(self._fail(s, "the model produced NaN logits") if bad[row] else self._accept(s, logits[row]))
         return events
