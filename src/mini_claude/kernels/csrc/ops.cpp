@@ -1,7 +1,9 @@
 // Registration: every kernel is a torch custom op `torch.ops.mini_claude.<name>` (so torch.compile can trace
 // it; the fake implementations live in kernels/__init__.py), and the same functions are plain Python
 // functions of this extension module, which eager code calls directly: a pybind call costs about a
-// microsecond less than a trip through the dispatcher, and a decode step makes a few hundred of them.
+// microsecond less than a trip through the dispatcher, and a decode step makes a few hundred of them. The long
+// calls (the low-bit linear layers, the decode stack) run without the GIL, as PyTorch's own ops do, so another
+// Python thread (a server's event loop) is not blocked behind them.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -41,11 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", [](const at::Tensor& x, const at::Tensor& qw, const at::Tensor& s, const at::Tensor& mins,
                         const c10::optional<at::Tensor>& bias, int64_t n, bool float_out) {
     return q4_linear(x, qw, s, mins, bias, n, out_type(float_out));
-  });
+  }, py::call_guard<py::gil_scoped_release>());
   m.def("q8_linear", [](const at::Tensor& x, const at::Tensor& qw, const at::Tensor& s,
                         const c10::optional<at::Tensor>& bias, int64_t n, bool float_out) {
     return q8_linear(x, qw, s, bias, n, out_type(float_out));
-  });
+  }, py::call_guard<py::gil_scoped_release>());
   m.def("decode_attention", &decode_attention);
   m.def("rope_kv_write", &rope_kv_write);
   m.def("rms_norm", &rms_norm);
@@ -71,7 +73,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("__call__", &StackLinear::operator());
   py::class_<DecodeStack>(m, "DecodeStack", "one decode step through every block in one call (stack.cpp)")
       .def(py::init<std::vector<StackLinear>, std::vector<at::Tensor>, double, int64_t, int64_t, int64_t, double>())
-      .def("forward", &DecodeStack::forward)
+      // Without the GIL: a server's event loop (another thread) streams the previous token meanwhile.
+      .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("layers", &DecodeStack::layers);
   m.def("quantize_activations", &quantize_activations);
   m.def("set_portable", &set_portable, "force the portable C++ kernels (tests compare them with the vector ones)");
