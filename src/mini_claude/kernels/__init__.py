@@ -13,6 +13,8 @@ small ops of a few microseconds each. So this extension provides, as torch custo
 - `decode_attention`: one query per sequence over its cached keys, in paged form (a block table per
   sequence; today's cache is the case of one block per sequence), softmax in float32.
 - `rope_kv_write`, `rms_norm`, `silu_mul`: the small ops of a decode step, one call each.
+- `DecodeStack`: the decode step of every block in one call, making the module loop's exact calls from C++
+  (see `model.Transformer.decode_stack`).
 
 Each has a PyTorch reference it is tested against (`tests/test_kernels.py`). The extension is compiled by
 `torch.utils.cpp_extension.load` with `-O3 -march=native` into `~/.cache/mini-claude/kernels/<hash>`, the hash
