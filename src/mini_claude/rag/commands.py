@@ -31,7 +31,10 @@ def _knowledge(database_url: str | None, dense: Dense = "auto", max_tokens: int 
         chunking = ChunkingConfig(max_tokens=max_tokens, overlap=overlap)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return Knowledge(engine, chunking=chunking, dense=dense, index_dir=settings.rag_index_dir)
+    return Knowledge(
+        engine, chunking=chunking, dense=dense, index_dir=settings.rag_index_dir,
+        embed_precision=settings.embed_precision,
+    )  # fmt: skip
 
 
 def ingest(

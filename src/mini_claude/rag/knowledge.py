@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from mini_claude.db import session_scope
 from mini_claude.db.models import KnowledgeCollection
-from mini_claude.encoder import Encoder
+from mini_claude.encoder import Encoder, Precision
 from mini_claude.rag import store
 from mini_claude.rag.chunking import Chunk, ChunkingConfig, chunk_document
 from mini_claude.rag.index import ExactIndex, HNSWIndex
@@ -79,9 +79,11 @@ class Knowledge:
         chunking: ChunkingConfig = ChunkingConfig(),
         dense: DenseKind = "auto",
         index_dir: str | Path | None = None,
+        embed_precision: Precision = "auto",
     ) -> None:
         self.db = db
         self._encoder = encoder
+        self.embed_precision = embed_precision  # used when the encoder is loaded here (see encoder.py)
         self.chunking = chunking
         self.dense = dense
         self.index_dir = Path(index_dir) if index_dir is not None else None
@@ -91,7 +93,7 @@ class Knowledge:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder.load()
+            self._encoder = Encoder.load(precision=self.embed_precision)
         return self._encoder
 
     # ------------------------------------------------------------------------------------------ ingestion
