@@ -15,7 +15,7 @@ from typing import Literal
 from mini_claude.settings import Settings
 
 Mode = Literal["hybrid", "keyword", "dense"]
-Dense = Literal["auto", "exact", "hnsw"]
+Dense = Literal["auto", "exact", "hnsw", "pgvector"]
 
 
 def _knowledge(database_url: str | None, dense: Dense = "auto", max_tokens: int = 256, overlap: int = 32):  # type: ignore[no-untyped-def]
@@ -98,7 +98,8 @@ def search(
         k: how many chunks.
         mode: hybrid (keyword and dense fused by reciprocal rank), keyword (BM25) or dense (embeddings).
         database_url: the database (default: settings, sqlite:///./mini_claude.db).
-        dense: the dense index: exact, hnsw, or auto (HNSW from 50k chunks).
+        dense: the dense index: exact, hnsw, pgvector (PostgreSQL), or auto (pgvector where the database has it,
+            else HNSW from 50k chunks).
         json: print a JSON list of hits.
     """
     from mini_claude.cli import UserError
@@ -182,7 +183,7 @@ def eval_rag(
         database_url: where the evaluation's collection is stored (its own SQLite file by default).
         collection: the collection name.
         max_questions: evaluate only the first N questions of each set (a quick check).
-        dense: the dense index: exact, hnsw, or auto.
+        dense: the dense index: exact, hnsw, pgvector, or auto.
         chart: write a PNG bar chart of the results here.
         json: print the figures as one JSON object.
     """
