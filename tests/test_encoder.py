@@ -163,3 +163,20 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.Mo
     assert encoder_module.resolve_precision("fp32") == "fp32"
     with pytest.raises(ValueError, match="precision"):
         encoder_module.resolve_precision("int8")
+
+
+def test_a_query_is_embedded_on_one_thread_and_the_count_is_restored(minilm: Encoder) -> None:
+    question = "How do I open a file for reading?"
+    seen: list[int] = []
+    hook = minilm.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        query = minilm.embed([question])
+        chunks = minilm.embed([TEXTS[2]] * 2)  # ~512 word pieces: the configured threads
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
+    torch.testing.assert_close(query, minilm._embed(minilm.tokenizer.encode_batch([question])))
+    assert chunks.shape == (2, 384)
