@@ -131,9 +131,9 @@ def chart(results: dict[str, dict[str, ModeResult]], path: Path, title: str) -> 
             bars = ax.bar([x + i * width for x in range(len(metrics))], values, width, label=mode)
             ax.bar_label(bars, fmt="%.2f", fontsize=6)
         ax.set_xticks([x + width * (len(by_mode) - 1) / 2 for x in range(len(metrics))], metrics)
-        ax.set_ylim(0, 1.08)
+        ax.set_ylim(0, 1.25)  # room above the bars for the legend
         ax.set_title(f"{name} questions", fontsize=10)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", ncol=len(by_mode), fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
