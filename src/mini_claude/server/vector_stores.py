@@ -69,8 +69,7 @@ class VectorStoreService:
     def knowledge(self) -> Knowledge:
         if self._knowledge is None:
             db = self.files._db()
-            settings = self.chat.settings
-            self._knowledge = Knowledge(db, index_dir=settings.rag_index_dir, embed_precision=settings.embed_precision)
+            self._knowledge = Knowledge(db, index_dir=self.chat.settings.rag_index_dir)
         return self._knowledge
 
     # --------------------------------------------------------------------------------------------- stores
