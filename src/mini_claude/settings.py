@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     rag_index_dir: str = Field(
         "./rag-index", description="Where the HNSW graphs of large knowledge collections are kept (one file each)."
     )
+    embed_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="The embedder's compute precision: auto is bf16 where the CPU has native bf16 (AVX512_BF16, "
+        "AMX), else fp32 (the exact reference).",
+    )
     audio_cache_dir: str = Field("./audio-cache", description="Where synthesized speech is cached on disk.")
     audio_cache_max_mb: float = Field(256, ge=0, description="Most megabytes the audio cache holds (0: no cache).")
     audio_threads: int = Field(1, ge=1, le=64, description="CPU threads of the speech engine's ONNX runtime.")

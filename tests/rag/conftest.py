@@ -18,7 +18,7 @@ from mini_claude.encoder import Encoder
 
 @pytest.fixture(scope="session")
 def minilm() -> Encoder:
-    return Encoder.load()
+    return Encoder.load(precision="fp32")  # the same rankings on every CPU (bf16 is tested in test_encoder)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -52,18 +52,22 @@ def test_ingest_search_remove(capsys: pytest.CaptureFixture[str], corpus: Path, 
 
 
 def test_eval_rag_on_a_few_questions(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from mini_claude.rag.evaluate import PYTHON_DOCS, load_questions
+    from mini_claude.rag.evaluate import PARAPHRASED, PYTHON_DOCS, load_questions
 
     if not PYTHON_DOCS.is_dir():
         pytest.skip("python3.11-doc is not installed (.ci/run installs it)")
     questions = load_questions()
     assert len(questions) >= 100 and len({q.file for q in questions}) >= 30
+    paraphrased = load_questions(PARAPHRASED)  # every gold span still holds its anchor in these docs
+    assert len(paraphrased) >= 100 and {q.split for q in paraphrased} == {"dev", "test"}
+    assert {q.file for q in paraphrased} <= {q.file for q in questions}  # one corpus serves both sets
     code, out, _ = run(capsys, "eval-rag", "--max-questions", "3", "--database-url", f"sqlite:///{tmp_path / 'e.db'}",
                        "--json", "--chart", str(tmp_path / "chart.png"))  # fmt: skip
     figures = json.loads(out)
-    assert code == 0 and figures["questions"] == 3 and figures["corpus_chunks"] > 10
-    assert set(figures["modes"]) == {"hybrid", "keyword", "dense"}
-    for mode in figures["modes"].values():
-        assert 0 <= mode["hit"]["1"] <= mode["hit"]["5"] <= mode["hit"]["10"] <= 1
-    assert figures["modes"]["hybrid"]["hit"]["10"] >= 2 / 3
+    assert code == 0 and figures["corpus_chunks"] > 10 and set(figures["sets"]) == {"titles", "paraphrased"}
+    for results in figures["sets"].values():
+        assert results["questions"] == 3 and set(results["modes"]) == {"hybrid", "keyword", "dense"}
+        for mode in results["modes"].values():
+            assert 0 <= mode["hit"]["1"] <= mode["hit"]["5"] <= mode["hit"]["10"] <= 1
+        assert results["modes"]["hybrid"]["hit"]["10"] >= 2 / 3
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"

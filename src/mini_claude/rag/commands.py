@@ -15,7 +15,7 @@ from typing import Literal
 from mini_claude.settings import Settings
 
 Mode = Literal["hybrid", "keyword", "dense"]
-Dense = Literal["auto", "exact", "hnsw"]
+Dense = Literal["auto", "exact", "hnsw", "pgvector"]
 
 
 def _knowledge(database_url: str | None, dense: Dense = "auto", max_tokens: int = 256, overlap: int = 32):  # type: ignore[no-untyped-def]
@@ -31,7 +31,10 @@ def _knowledge(database_url: str | None, dense: Dense = "auto", max_tokens: int 
         chunking = ChunkingConfig(max_tokens=max_tokens, overlap=overlap)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return Knowledge(engine, chunking=chunking, dense=dense, index_dir=settings.rag_index_dir)
+    return Knowledge(
+        engine, chunking=chunking, dense=dense, index_dir=settings.rag_index_dir,
+        embed_precision=settings.embed_precision,
+    )  # fmt: skip
 
 
 def ingest(
@@ -95,7 +98,8 @@ def search(
         k: how many chunks.
         mode: hybrid (keyword and dense fused by reciprocal rank), keyword (BM25) or dense (embeddings).
         database_url: the database (default: settings, sqlite:///./mini_claude.db).
-        dense: the dense index: exact, hnsw, or auto (HNSW from 50k chunks).
+        dense: the dense index: exact, hnsw, pgvector (PostgreSQL), or auto (pgvector where the database has it,
+            else HNSW from 50k chunks).
         json: print a JSON list of hits.
     """
     from mini_claude.cli import UserError
@@ -157,6 +161,7 @@ def collections(database_url: str | None = None) -> None:
 def eval_rag(
     docs: str = "/usr/share/doc/python3.11/html/_sources",
     corpus: Literal["gold", "all"] = "gold",
+    questions: Literal["titles", "paraphrased", "both"] = "both",
     database_url: str = "sqlite:///./rag-eval.db",
     collection: str = "python-docs",
     max_questions: int | None = None,
@@ -164,8 +169,9 @@ def eval_rag(
     chart: str | None = None,
     json: bool = False,
 ) -> None:
-    """Measure retrieval on the Python docs: hit@1/5/10 and MRR of keyword, dense and hybrid search over 120
-    questions with gold spans, ingestion throughput, and search latency (p50/p95).
+    """Measure retrieval on the Python docs: hit@1/5/10 and MRR of keyword, dense and hybrid search over two
+    question sets with gold spans (120 that copy the docs' titles and sentences, 140 paraphrased by hand),
+    ingestion throughput, and search latency (p50/p95).
 
     Needs Debian's python3.11-doc (apt-get install python3.11-doc). Ingestion is idempotent: a second run on the
     same database only searches.
@@ -173,10 +179,11 @@ def eval_rag(
     Args:
         docs: the reST sources of the Python documentation.
         corpus: gold (the 40 files that hold the answers) or all (every source file, ~20k chunks).
+        questions: which question set(s): titles, paraphrased or both.
         database_url: where the evaluation's collection is stored (its own SQLite file by default).
         collection: the collection name.
-        max_questions: evaluate only the first N questions (a quick check).
-        dense: the dense index: exact, hnsw, or auto.
+        max_questions: evaluate only the first N questions of each set (a quick check).
+        dense: the dense index: exact, hnsw, pgvector, or auto.
         chart: write a PNG bar chart of the results here.
         json: print the figures as one JSON object.
     """
@@ -186,17 +193,19 @@ def eval_rag(
     root = Path(docs)
     if not root.is_dir():
         raise UserError(f"{docs} is missing: apt-get install python3.11-doc")
+    names = list(ev.QUESTION_SETS) if questions == "both" else [questions]
     try:
-        questions = ev.load_questions(docs=root)
+        sets = {name: ev.load_questions(ev.QUESTION_SETS[name], docs=root) for name in names}
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    questions = questions[:max_questions] if max_questions else questions
+    sets = {name: qs[:max_questions] if max_questions else qs for name, qs in sets.items()}
     knowledge = _knowledge(database_url, dense)
     report = knowledge.ingest(
-        ev.corpus_files(questions, root, corpus), collection, progress=not json and sys.stderr.isatty(),
+        ev.corpus_files([q for qs in sets.values() for q in qs], root, corpus), collection,
+        progress=not json and sys.stderr.isatty(),
         on_error=lambda source, reason: print(f"skipped {source}: {reason}", file=sys.stderr),
     )  # fmt: skip
-    results = ev.evaluate(knowledge, collection, questions, root)
+    results = {name: ev.evaluate(knowledge, collection, qs, root) for name, qs in sets.items()}
     from mini_claude.db import session_scope
     from mini_claude.rag import store
 
@@ -204,21 +213,25 @@ def eval_rag(
         coll = store.get_collection(session, collection)
         n_chunks = store.count_chunks(session, coll.id) if coll else 0
     figures = {
-        "questions": len(questions), "corpus_chunks": n_chunks, "ingestion": ev.ingestion_figures(report),
-        "modes": {m: {"hit": {str(c): v for c, v in r.hits.items()}, "mrr": r.mrr, "latency_ms": r.latency_ms}
-                  for m, r in results.items()},
+        "corpus_chunks": n_chunks, "ingestion": ev.ingestion_figures(report),
+        "embed_precision": knowledge.encoder.precision,
+        "sets": {name: {"questions": len(sets[name]), "modes": {
+            m: {"hit": {str(c): v for c, v in r.hits.items()}, "mrr": r.mrr, "latency_ms": r.latency_ms}
+            for m, r in by_mode.items()}} for name, by_mode in results.items()},
     }  # fmt: skip
     if chart:
-        ev.chart(results, Path(chart), f"Retrieval on the Python docs: {len(questions)} questions, {n_chunks} chunks")
+        ev.chart(results, Path(chart), f"Retrieval on the Python docs ({n_chunks} chunks)")
     if json:
         print(json_lib.dumps(figures, indent=2))
         return
     ing = figures["ingestion"]
-    print(f"{len(questions)} questions over {n_chunks} chunks")
+    print(f"{n_chunks} chunks; embeddings in {figures['embed_precision']}")
     if ing["chunks"]:
         print(f"ingestion: {ing['files']} files, {ing['chunks']} chunks in {ing['seconds']:.1f}s "
               f"({ing['files_per_s']:.2f} files/s, {ing['chunks_per_s']:.1f} chunks/s)")  # fmt: skip
-    print(f"{'mode':8} {'hit@1':>6} {'hit@5':>6} {'hit@10':>6} {'MRR':>6} {'p50 ms':>7} {'p95 ms':>7}")
-    for mode, r in results.items():
-        print(f"{mode:8} {r.hits.get(1, 0):6.3f} {r.hits.get(5, 0):6.3f} {r.hits.get(10, 0):6.3f} {r.mrr:6.3f} "
-              f"{r.latency_ms.get('p50', 0):7.1f} {r.latency_ms.get('p95', 0):7.1f}")  # fmt: skip
+    for name, by_mode in results.items():
+        print(f"\n{name}: {len(sets[name])} questions")
+        print(f"{'mode':8} {'hit@1':>6} {'hit@5':>6} {'hit@10':>6} {'MRR':>6} {'p50 ms':>7} {'p95 ms':>7}")
+        for mode, r in by_mode.items():
+            print(f"{mode:8} {r.hits.get(1, 0):6.3f} {r.hits.get(5, 0):6.3f} {r.hits.get(10, 0):6.3f} {r.mrr:6.3f} "
+                  f"{r.latency_ms.get('p50', 0):7.1f} {r.latency_ms.get('p95', 0):7.1f}")  # fmt: skip

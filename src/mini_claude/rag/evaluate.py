@@ -1,11 +1,15 @@
 """Retrieval quality and speed on the Python documentation: hit@k and MRR for keyword, dense and hybrid search.
 
-The question set (`data/python_docs_questions.jsonl`, built by `scripts/make_rag_questions.py`) has 120
-questions over Debian's python3.11-doc reST sources, each with its gold file and character span: 50 of the
-Python FAQ's own questions (gold: the answering section) and 70 "Which function returns ...?" questions made
-from library entries (gold: the function's entry). A retrieved chunk is a hit when it comes from the gold file
-and its span overlaps the gold span; hit@k counts questions with a hit among the first k, MRR averages
-1 / rank of the first hit (0 when none in the top k).
+Two question sets over Debian's python3.11-doc reST sources, each question with its gold file and character span:
+- "titles" (`data/python_docs_questions.jsonl`, built by `scripts/make_rag_questions.py`): 120 questions, 50 of
+  the Python FAQ's own questions (gold: the answering section) and 70 "Which function returns ...?" questions
+  made from library entries (gold: the function's entry). They copy the docs' own words, so they measure
+  whether a search finds a passage quoted back at it: keyword search's home ground.
+- "paraphrased" (`data/python_docs_paraphrased.jsonl`, `scripts/make_paraphrased_questions.py`): 140 questions
+  written by hand in a user's words ("put the items of my list in a random order"), gold spans in the same 40
+  files, split into "dev" (28) and "test" (112) so that anything tuned on them is tuned on dev only.
+A retrieved chunk is a hit when it comes from the gold file and its span overlaps the gold span; hit@k counts
+questions with a hit among the first k, MRR averages 1 / rank of the first hit (0 when none in the top k).
 
 The corpus is the gold files (`corpus="gold"`, 40 files) or every reST source (`corpus="all"`, ~500 files,
 ~20k chunks). Ingestion is idempotent, so a second run over the same database only searches.
@@ -24,6 +28,8 @@ from mini_claude.rag.retrieve import MODES
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 QUESTIONS = Path(__file__).parent / "data" / "python_docs_questions.jsonl"
+PARAPHRASED = Path(__file__).parent / "data" / "python_docs_paraphrased.jsonl"
+QUESTION_SETS = {"titles": QUESTIONS, "paraphrased": PARAPHRASED}
 KS = (1, 5, 10)
 
 
@@ -37,6 +43,7 @@ class Question:
     kind: str
     answer: str | None = None
     anchor: str = ""
+    split: str = ""  # "dev" or "test" in the paraphrased set; "" where a set has no split
 
 
 @dataclass
@@ -95,6 +102,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def corpus_files(questions: list[Question], docs: Path, corpus: str) -> list[Path]:
+    """The files to ingest: every source (`all`) or the gold files of the questions (`gold`)."""
     if corpus == "all":
         return [docs]
     return sorted({(docs / q.file) for q in questions})
@@ -107,24 +115,26 @@ def ingestion_figures(report: IngestReport) -> dict[str, float]:
             "files_per_s": files / seconds, "chunks_per_s": report.chunks / seconds}  # fmt: skip
 
 
-def chart(results: dict[str, ModeResult], path: Path, title: str) -> None:
-    """Grouped bars: hit@1/5/10 and MRR per search mode."""
+def chart(results: dict[str, dict[str, ModeResult]], path: Path, title: str) -> None:
+    """Grouped bars, one panel per question set: hit@1/5/10 and MRR per search mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = [f"hit@{c}" for c in KS] + ["MRR"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    width = 0.8 / len(results)
-    for i, (mode, r) in enumerate(results.items()):
-        values = [r.hits.get(c, 0.0) for c in KS] + [r.mrr]
-        bars = ax.bar([x + i * width for x in range(len(metrics))], values, width, label=mode)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(metrics))], metrics)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 3.8), squeeze=False)
+    for ax, (name, by_mode) in zip(axes[0], results.items(), strict=True):
+        width = 0.8 / len(by_mode)
+        for i, (mode, r) in enumerate(by_mode.items()):
+            values = [r.hits.get(c, 0.0) for c in KS] + [r.mrr]
+            bars = ax.bar([x + i * width for x in range(len(metrics))], values, width, label=mode)
+            ax.bar_label(bars, fmt="%.2f", fontsize=6)
+        ax.set_xticks([x + width * (len(by_mode) - 1) / 2 for x in range(len(metrics))], metrics)
+        ax.set_ylim(0, 1.25)  # room above the bars for the legend
+        ax.set_title(f"{name} questions", fontsize=10)
+        ax.legend(loc="upper center", ncol=len(by_mode), fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -12,6 +12,9 @@ Design choices:
   collection changed (its `updated_at`): only the chunks added since are inserted and the deleted ones
   removed, never a rebuild. `exact` below `HNSW_MIN_VECTORS` chunks, HNSW above ("auto"), persisted under
   `index_dir` (one .npz per collection) so a restart loads the graph instead of building it again.
+- On PostgreSQL with the pgvector extension, "auto" searches inside the database instead, with pgvector's HNSW
+  (`rag/pgvector.py`): the index then lives with the data, is shared by every replica and survives restarts.
+  Without the extension the in-process index above is the fallback, on the same schema.
 """
 
 from __future__ import annotations
@@ -31,14 +34,14 @@ from sqlalchemy.orm import Session
 
 from mini_claude.db import session_scope
 from mini_claude.db.models import KnowledgeCollection
-from mini_claude.encoder import Encoder
-from mini_claude.rag import store
+from mini_claude.encoder import Encoder, Precision
+from mini_claude.rag import pgvector, store
 from mini_claude.rag.chunking import Chunk, ChunkingConfig, chunk_document
 from mini_claude.rag.index import ExactIndex, HNSWIndex
 from mini_claude.rag.readers import UnreadableFileError, iter_files, read, supported
 from mini_claude.rag.retrieve import MODES, RRF_K, Hit, rrf, single
 
-DenseKind = Literal["auto", "exact", "hnsw"]
+DenseKind = Literal["auto", "exact", "hnsw", "pgvector"]
 HNSW_MIN_VECTORS = 50_000
 CANDIDATES = 50  # how deep each list goes before fusion
 EMBED_BATCH_CHUNKS = 256  # chunks gathered across files before one embedding run
@@ -79,19 +82,23 @@ class Knowledge:
         chunking: ChunkingConfig = ChunkingConfig(),
         dense: DenseKind = "auto",
         index_dir: str | Path | None = None,
+        embed_precision: Precision = "auto",
     ) -> None:
         self.db = db
         self._encoder = encoder
+        self.embed_precision = embed_precision  # used when the encoder is loaded here (see encoder.py)
         self.chunking = chunking
         self.dense = dense
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._indexes: dict[str, tuple[object, ExactIndex | HNSWIndex]] = {}  # collection id -> (version, index)
+        self._pgvector: bool | None = None  # whether the database has pgvector (asked once)
+        self._pg_synced: dict[str, object] = {}  # collection id -> version whose vectors pgvector holds
         self._lock = threading.Lock()
 
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            self._encoder = Encoder.load()
+            self._encoder = Encoder.load(precision=self.embed_precision)
         return self._encoder
 
     # ------------------------------------------------------------------------------------------ ingestion
@@ -221,8 +228,11 @@ class Knowledge:
             if mode in ("hybrid", "keyword"):
                 lists["keyword"] = store.keyword_search(session, coll.id, query, depth)
             if mode in ("hybrid", "dense"):
-                index = self._dense_index(session, coll)
-                labels, scores = index.search(self.encoder.embed([query])[0].numpy(), depth)
+                vector = self.encoder.embed([query])[0].numpy()
+                if self._uses_pgvector(session, coll):
+                    labels, scores = pgvector.search(session, coll.id, coll.dim, vector, depth)
+                else:
+                    labels, scores = self._dense_index(session, coll).search(vector, depth)
                 lists["dense"] = list(zip(labels.tolist(), scores.tolist(), strict=True))
             hits = rrf(lists, rrf_k, k) if mode == "hybrid" else single(mode, lists[mode], k)
             records = store.get_chunks(session, [h.chunk_id for h in hits])
@@ -240,6 +250,22 @@ class Knowledge:
             raise store.CollectionError(f"no collection named {name!r}; create it with `mini-claude ingest`")
         return coll
 
+    def _uses_pgvector(self, session: Session, coll: KnowledgeCollection) -> bool:
+        """Whether this search runs in PostgreSQL's pgvector index (bringing it in step first if it does)."""
+        if self.dense not in ("auto", "pgvector"):
+            return False
+        with self._lock:
+            if self._pgvector is None:
+                self._pgvector = pgvector.available(session)
+            if not self._pgvector:
+                if self.dense == "pgvector":
+                    raise ValueError("dense='pgvector' needs PostgreSQL with the vector extension")
+                return False
+            if self._pg_synced.get(coll.id) != coll.updated_at:
+                pgvector.sync(session, coll.id, coll.dim)
+                self._pg_synced[coll.id] = coll.updated_at
+        return True
+
     def _dense_index(self, session: Session, coll: KnowledgeCollection) -> ExactIndex | HNSWIndex:
         """The collection's dense index, brought in step with the database if the collection changed."""
         with self._lock:
@@ -249,7 +275,9 @@ class Knowledge:
                 return cached[1]
             ids = store.chunk_ids(session, coll.id)
             index = cached[1] if cached is not None else None
-            kind = self.dense if self.dense != "auto" else ("hnsw" if len(ids) >= HNSW_MIN_VECTORS else "exact")
+            kind = self.dense
+            if kind not in ("exact", "hnsw"):  # "auto" (or "pgvector" where the database lacks it: never reached)
+                kind = "hnsw" if len(ids) >= HNSW_MIN_VECTORS else "exact"
             path = self.index_dir / f"{coll.id}.hnsw.npz" if self.index_dir is not None else None
             if kind == "hnsw" and not isinstance(index, HNSWIndex):
                 loadable = path is not None and path.exists()

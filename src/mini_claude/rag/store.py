@@ -84,7 +84,12 @@ def list_collections(session: Session) -> list[KnowledgeCollection]:
 
 
 def delete_collection(session: Session, collection_id: str) -> bool:
-    """Delete a collection with its documents and chunks (ON DELETE CASCADE; the keyword index follows)."""
+    """Delete a collection with its documents and chunks (ON DELETE CASCADE; the keyword index follows, and on
+    PostgreSQL so does the collection's pgvector index, which is its own partial index)."""
+    if session.get_bind().dialect.name == "postgresql":
+        from mini_claude.rag import pgvector
+
+        pgvector.drop_index(session, collection_id)
     return session.execute(delete(KnowledgeCollection).where(KnowledgeCollection.id == collection_id)).rowcount > 0
 
 
