@@ -283,6 +283,55 @@ class MarkFilter:
         return strip_unknown(text, self.known)
 
 
+def sources_text(grounding: Grounding, answer: str) -> str:
+    """The sources under a reply, as the terminal chat prints them: each given source, whether the answer
+    cites it, and the chunks left out for lack of room."""
+    cited = set(marks(answer)) & grounding.numbers
+    lines = []
+    for s in grounding.sources:
+        h = s.hit
+        where = (h.filename or h.source) + (f", page {h.page}" if h.page else "")
+        where += f", {h.heading}" if h.heading else ""
+        lines.append(f"  [{s.n}] {where} (chars {h.start_char}-{h.end_char}){'  cited' if s.n in cited else ''}")
+    if grounding.left_out:
+        names = ", ".join(f"{s.hit.filename or s.hit.source} #{s.hit.chunk_id}" for s in grounding.left_out)
+        lines.append(f"  left out (no room in the context): {names}")
+    if not lines:
+        return f"(no source: {grounding.note or 'nothing was found'})"
+    return "Sources:\n" + "\n".join(lines)
+
+
+class Grounder:
+    """Grounding over a `Knowledge`, for front ends without a server (`mini-claude chat --knowledge`).
+
+    Args:
+        knowledge: the `rag.knowledge.Knowledge` to search.
+        collections: names or ids; resolved now, so an unknown one fails before the chat starts.
+        top_k, search, rrf_k, score_threshold, citations, refusal: an agent's `retrieval` settings.
+    """
+
+    def __init__(
+        self, knowledge: Any, collections: Sequence[str], *, top_k: int = 4, search: str = "hybrid", rrf_k: int = 60,
+        score_threshold: float | None = None, citations: CitationsMode = "optional", refusal: str | None = None,
+    ) -> None:  # fmt: skip
+        self.knowledge, self.ids = knowledge, knowledge.resolve(list(collections))
+        self.top_k, self.search, self.rrf_k, self.threshold = top_k, search, rrf_k, score_threshold
+        self.citations, self.refusal = citations, refusal
+
+    def __call__(
+        self, messages: Sequence[dict[str, str]], count: Callable[[list[dict[str, str]]], int] | None = None,
+        budget: int | None = None,
+    ) -> Grounding:  # fmt: skip
+        query = search_query(messages)
+        hits: list[tuple[str, Hit]] = []
+        if query:
+            found = {n: self.knowledge.search(query, cid, self.top_k, self.search, self.rrf_k)
+                     for n, cid in self.ids.items()}  # fmt: skip
+            hits = merge_hits(found, self.top_k, self.threshold)
+        return ground(messages, hits, count=count, budget=budget, citations=self.citations, refusal=self.refusal,
+                      query=query, collections=list(self.ids))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------ the knowledge tool
 
 SEARCH_TOOL: dict[str, Any] = {
