@@ -68,7 +68,8 @@ class Source:
         """The short form the response's `knowledge` report lists."""
         h = self.hit
         return {"n": self.n, "collection": self.collection, "file_id": h.source, "filename": h.filename,
-                "chunk_id": h.chunk_id, "score": h.score, "tokens": self.tokens}  # fmt: skip
+                "chunk_id": h.chunk_id, "page": h.page, "heading": h.heading, "score": h.score,
+                "tokens": self.tokens}  # fmt: skip
 
 
 @dataclass

@@ -36,6 +36,8 @@ class SourceRef(BaseModel):
     file_id: str
     filename: str
     chunk_id: int
+    page: int | None = None
+    heading: str = ""
     score: float
     tokens: int = Field(description="Prompt tokens it took (or would have taken).")
 
