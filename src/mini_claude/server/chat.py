@@ -411,13 +411,13 @@ class ChatCompletions:
 
         grounded = job.grounding
         marks = {i: MarkFilter(grounded.numbers) for i in range(len(handles))} if grounded is not None else {}
-        shown: dict[int, list[str]] = {i: [] for i in range(len(handles))}
+        shown: dict[int, list[str]] = {}  # per choice, what was sent (a replayed reply has no handles)
 
         def content(i: int, text: str, last: bool) -> list[dict[str, Any]]:
             """Content deltas of choice i, with unknown [n] marks held back and cut (grounded chat)."""
             if i in marks:
                 text = marks[i].feed(text) + (marks[i].flush() if last else "")
-            shown[i].append(text)
+            shown.setdefault(i, []).append(text)
             return [{"content": text}] if text else []
 
         for i in range(1 if job.replay is not None else len(handles)):
