@@ -19,9 +19,9 @@ Design choices (see ../shared/reference/rag-agents.md, section 7):
   replacing it. Few-shot messages go between the system prompt and the conversation.
 - Names are what `model` carries, so they cannot contain "/" (that is `UPSTREAM/MODEL`) and must not
   shadow a served model (the server checks that when one is created).
-- Knowledge: `knowledge` names document collections and `retrieval` how to search them. Only their shape is
-  checked here; the server passes them to its retrieval hook (`server/agents.py`, `KnowledgeHook`), which
-  the RAG area implements.
+- Knowledge: `knowledge` names document collections (by name, or a vector store's id) and `retrieval` how to
+  search them. Only their shape is checked here; whether they exist is for the server's retrieval hook
+  (`server/grounding.py`) to say when a request uses them, since collections come and go.
 """
 
 from __future__ import annotations
@@ -93,15 +93,23 @@ class FewShot(_Strict):
 
 
 class Retrieval(_Strict):
-    """How the agent's knowledge is searched and cited (used by the retrieval hook)."""
+    """How the agent's knowledge is searched and cited (used by the retrieval hook, `server/grounding.py`).
 
-    mode: Literal["retrieve", "full_context", "off"] = "retrieve"
+    `retrieve` puts the best chunks for the latest turn into the prompt; `full_context` every chunk of the
+    collections, in document order, as many as fit; `tool` lets the model call `search_knowledge` itself
+    (`tool_choice` "required" makes it search before every answer); `off` leaves the prompt alone.
+    """
+
+    mode: Literal["retrieve", "full_context", "tool", "off"] = "retrieve"
     top_k: int = Field(4, ge=1, le=64, description="Chunks put into the prompt.")
     search: Literal["hybrid", "dense", "keyword"] = "hybrid"
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion's k.")
     score_threshold: float | None = Field(None, ge=0.0)
     citations: Literal["required", "optional", "off"] = "optional"
     refusal: Text | None = Field(None, description="The answer when nothing relevant is found.")
+    tool_choice: Literal["auto", "required"] = Field(
+        "auto", description="mode tool: the model decides whether to search (auto), or must search first."
+    )
 
 
 class Voice(_Strict):

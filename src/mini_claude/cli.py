@@ -96,6 +96,7 @@ CHAT_DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.1}  #
 def chat(
     model: str | None = None,
     agent: str | None = None,
+    knowledge: str | None = None,
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
@@ -119,6 +120,8 @@ def chat(
         model: a .gguf file, a model dir, or a name from `mini-claude models` (default: settings, then bundled).
         agent: chat with an agent (`agents/NAME.yaml` or `mini-claude agent list`): its model, adapter, system
             prompt, few-shot messages and sampling defaults; flags given here override its values.
+        knowledge: answer from these collections (NAME, or several as A,B; default: the agent's): each turn's
+            best chunks go into the prompt, numbered, and the sources are printed under the reply.
         system: system prompt that opens the conversation (with --agent: added after the agent's).
         max_tokens: most tokens per reply (default: the agent's, then settings).
         temperature: randomness; 0 always picks the most likely token (default 0.2).
@@ -155,16 +158,40 @@ def chat(
         max_new_tokens=values["max_tokens"], temperature=values["temperature"], top_p=values["top_p"],
         top_k=values.get("top_k"), repetition_penalty=values["repetition_penalty"], seed=values.get("seed"),
     )  # fmt: skip
+    names = [n.strip() for n in knowledge.split(",") if n.strip()] if knowledge else (spec.knowledge if spec else [])
+    grounder = _grounder(names, spec, settings) if names else None
     has_system = bool(opening) and opening[0]["role"] == "system"
     engine = load_engine(model, settings, dtype, quantize, threads, adapters=[adapter] if adapter else [])
     repl = ChatREPL(
         engine, params, opening[0]["content"] if has_system else settings.system_prompt,
         max_turns or settings.memory_max_turns, adapter=engine.adapters.names[0] if adapter else None,
         examples=opening[1:] if has_system else opening, name=spec.name if spec else None, stop=stop,
+        grounder=grounder,
     )  # fmt: skip
     if load:
         repl.command(f"/load {load}")
     repl.run()
+
+
+def _grounder(names: list[str], spec: object, settings: Settings) -> object:
+    """`chat --knowledge`: a `rag.grounding.Grounder` over the project database, with the agent's retrieval
+    settings (or the defaults); an unknown collection is one line, before the model loads."""
+    from mini_claude.agents import AgentSpec, Retrieval
+    from mini_claude.db import init_db, make_engine
+    from mini_claude.rag.grounding import Grounder
+    from mini_claude.rag.knowledge import Knowledge
+    from mini_claude.rag.store import CollectionError
+
+    r = spec.retrieval if isinstance(spec, AgentSpec) else Retrieval()
+    database = make_engine(settings.database_url)
+    init_db(database)
+    try:
+        return Grounder(
+            Knowledge(database, index_dir=settings.rag_index_dir), names, top_k=r.top_k, search=r.search,
+            rrf_k=r.rrf_k, score_threshold=r.score_threshold, citations=r.citations, refusal=r.refusal,
+        )  # fmt: skip
+    except CollectionError as exc:
+        raise UserError(str(exc)) from None
 
 
 def generate(

@@ -19,7 +19,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from mini_claude.agents import AgentSpec
+from mini_claude.agents import Retrieval
 from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
 from mini_claude.lora import LoRAConfig, apply_lora, save_adapter
@@ -41,7 +41,6 @@ MESSAGE:
     content: Colour of the sky?
   - role: assistant
     content: Blue.
-knowledge: [docs]
 """
 SKY = [{"role": "user", "content": "Colour of the sky?"}, {"role": "assistant", "content": "Blue."}]
 
@@ -200,23 +199,29 @@ def test_agents_are_models_and_yaml_files_are_loaded(client: TestClient, served:
 
 def test_the_knowledge_hook_grounds_the_prompt(client: TestClient, served: Engine) -> None:
     service = client.app.state.service  # type: ignore[attr-defined]
-    seen: list[tuple[str, list[str]]] = []
+    seen: list[tuple[list[str], str, int | None]] = []
 
     class Sources:
-        async def ground(self, agent: AgentSpec, messages: list[dict[str, str]]) -> Grounding:
-            seen.append((agent.name, agent.knowledge))
+        async def ground(self, collections: list[str], retrieval: Retrieval, messages: list[dict[str, str]],
+                         count: Any = None, budget: int | None = None) -> Grounding:  # fmt: skip
+            seen.append((collections, retrieval.citations, budget))
             return Grounding([{"role": "system", "content": "[1] The grass is green."}, *messages[1:]])
 
+    agent = {"name": "grassy", "model": "tiny", "system": "You answer in one word.", "messages": SKY,
+             "params": {"temperature": 0, "max_tokens": 5, "repetition_penalty": 1.3}, "knowledge": ["docs"],
+             "retrieval": {"citations": "required"}}  # fmt: skip
+    assert client.post("/v1/agents", json=agent).status_code == 200
     default, service.knowledge = service.knowledge, Sources()
     try:
         user = [{"role": "user", "content": "Colour of grass?"}]
-        resp = chat(client, model="oneword", messages=user)
+        resp = chat(client, model="grassy", messages=user)
     finally:
         service.knowledge = default
-    assert seen == [("oneword", ["docs"])]
+    assert seen == [(["docs"], "required", served.context_window - 5)]
     prompt = [{"role": "system", "content": "[1] The grass is green."}, *SKY, *user]
     assert resp["choices"][0]["message"]["content"] == reference(served, prompt, temperature=0, max_new_tokens=5,
                                                                  repetition_penalty=1.3)  # fmt: skip
+    assert resp["knowledge"]["sources"] == [] and resp["citations"] == []
 
 
 def test_an_agent_on_an_upstream_sends_its_prompt_and_defaults(client: TestClient) -> None:

@@ -200,6 +200,7 @@ def test_generated_requests_never_get_a_server_error(make_live: Any) -> None:
                 for key in ("max_tokens", "max_completion_tokens"):
                     if isinstance(case.body.get(key), int) and case.body[key] > 16:
                         case.body[key] = 16
+                case.body.pop("knowledge", None)  # no collection exists here: any name is a (correct) 400
             response = case.call(base_url=live.url, timeout=60)
             if response.status_code < 300:
                 ok.add(f"{case.method} {case.path}")

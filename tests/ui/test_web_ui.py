@@ -416,6 +416,41 @@ def test_the_model_picker_chooses_an_adapter_loaded_while_serving(
     assert conversation["model"] == "tuned"
 
 
+@pytest.mark.slow
+def test_a_grounded_reply_shows_its_sources_under_it(
+    server: LiveServer, tab: Tab, reference: Engine, tmp_path: Path
+) -> None:
+    """With a collection in the Knowledge box, the reply is the engine's answer to the prompt with the numbered
+    sources, and the sources found appear under it (this model writes no [n] marks, so none is cited)."""
+    from playwright.sync_api import expect
+
+    from mini_claude.rag.grounding import Grounder
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "bread.md").write_text("# Bread\n\nLet the dough rise for an hour in a warm place.\n")
+    (tmp_path / "docs" / "planets.md").write_text("# Planets\n\nJupiter is the largest planet of all.\n")
+    knowledge = server.service.rag.knowledge
+    knowledge.ingest([tmp_path / "docs"], "ui-notes")
+    question = [{"role": "user", "content": "how long does the dough rise"}]
+    grounded = Grounder(knowledge, ["ui-notes"])(question)
+    assert [s.hit.filename for s in grounded.sources][:1] == ["bread.md"]
+
+    page = tab.page
+    set_slider(page, "temperature", 0)
+    set_slider(page, "max-tokens", 16)
+    page.locator("#knowledge textarea").fill("ui-notes")
+    send(page, question[0]["content"])
+    reply = expected_reply(reference, grounded.messages, 16)
+    bot = page.locator('#chat [data-testid="bot"]').last
+    expect(bot).to_contain_text("Sources", timeout=60_000)
+    shown = words(bot.inner_text())
+    assert shown.startswith(words(reply) + " Sources")
+    assert "[1] bread.md — Bread" in shown and "[2] planets.md — Planets" in shown and "cited" not in shown
+    [conversation] = [c for c in server.service.list_conversations() if c["title"] == question[0]["content"]]
+    assert stored(server, conversation["id"])[-1] == ("assistant", words(reply))  # the sources are the pane's
+    assert tab.errors == []
+
+
 # ------------------------------------------------------------------------------- the stop signal, no browser
 
 

@@ -1,6 +1,8 @@
 """The terminal chat loop behind `mini-claude chat`.
 
-It streams the engine's text as it arrives, keeps a `ConversationMemory`, and handles slash commands.
+It streams the engine's text as it arrives, keeps a `ConversationMemory`, and handles slash commands. With
+`--knowledge`, each turn is grounded (`rag.grounding`: numbered sources in the prompt, unknown [n] marks cut
+from the stream) and the sources are printed under the reply.
 Ctrl-C during a reply stops that reply (what was shown is kept in the conversation); at the prompt it only
 reminds how to leave, so an impatient keypress never loses the conversation.
 """
@@ -8,11 +10,15 @@ reminds how to leave, so an impatient keypress never loses the conversation.
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
 from mini_claude.chat.memory import ConversationFileError, ConversationMemory
 from mini_claude.engine import Engine
 from mini_claude.generate import ContextOverflowError, SamplingParams
+
+if TYPE_CHECKING:
+    from mini_claude.rag.grounding import Grounding
 
 HELP = """Commands:
   /reset         forget the conversation (the system prompt stays)
@@ -36,8 +42,11 @@ class ChatREPL:
         examples: list[dict[str, str]] | None = None,
         name: str | None = None,
         stop: list[str] | None = None,
+        grounder: Callable[..., Grounding] | None = None,
     ) -> None:
         self.engine = engine
+        # grounded chat (`--knowledge`): (messages, count, budget) -> the messages with numbered sources
+        self.grounder = grounder
         self.params = params
         self.adapter = adapter  # a LoRA adapter loaded on the engine, or None for the base model
         self.examples = list(examples or [])  # an agent's few-shot messages: after the system prompt, never trimmed
@@ -127,11 +136,21 @@ class ChatREPL:
         if self.memory.dropped_turns:
             self.say(f"({self.memory.dropped_turns} earlier turn(s) no longer fit the context and were left out.)")
         pieces: list[str] = []
+        grounding, marks = None, None
+        if self.grounder is not None:
+            from mini_claude.rag.grounding import MarkFilter
+
+            budget = self.engine.context_window - self.params.max_new_tokens
+            grounding = self.grounder(context, lambda m: len(self.engine.encode_chat(m)), budget)
+            context, marks = grounding.messages, MarkFilter(grounding.numbers)
         stream = self.engine.chat(context, self.params, self.stop, adapter=self.adapter)
         try:
             for chunk in stream:
-                pieces.append(chunk.text)
-                self.out.write(chunk.text)
+                text = chunk.text if marks is None else marks.feed(chunk.text)
+                if marks is not None and chunk.completion is not None:
+                    text += marks.flush()
+                pieces.append(text)
+                self.out.write(text)
                 self.out.flush()
                 if chunk.completion is not None and chunk.completion.finish_reason == "length":
                     self.out.write(" [reply cut at the token limit]")
@@ -143,5 +162,9 @@ class ChatREPL:
             self.say(f"(That message is too long for this model: {exc}.)")
             return
         self.out.write("\n")
+        if grounding is not None:
+            from mini_claude.rag.grounding import sources_text
+
+            self.out.write(sources_text(grounding, "".join(pieces)) + "\n")
         self.out.flush()
         self.memory.add_assistant("".join(pieces))

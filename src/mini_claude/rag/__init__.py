@@ -8,4 +8,5 @@ Uses the core (`encoder.py`) and the database (`db/`); knows nothing of HTTP (th
 - `store.py`      collections, documents and chunks in the project database, with its keyword index
 - `retrieve.py`   keyword, dense and hybrid (reciprocal rank fusion) search
 - `knowledge.py`  ingestion (idempotent by content hash) and search, composed: what the CLI and server call
+- `grounding.py`  grounded answers: numbered sources fitted to the context, [n] marks read back as citations
 """

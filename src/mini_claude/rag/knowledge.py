@@ -23,7 +23,7 @@ import hashlib
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,6 +45,7 @@ DenseKind = Literal["auto", "exact", "hnsw", "pgvector"]
 HNSW_MIN_VECTORS = 50_000
 CANDIDATES = 50  # how deep each list goes before fusion
 EMBED_BATCH_CHUNKS = 256  # chunks gathered across files before one embedding run
+FULL_CONTEXT_CHUNKS = 256  # `full_context` reads at most this many chunks: more fit no model's window here
 
 
 @dataclass
@@ -243,6 +244,33 @@ class Knowledge:
             )  # fmt: skip
             hit.start_char, hit.end_char, hit.page = r.start_char, r.end_char, r.page
         return hits
+
+    def resolve(self, names: Sequence[str]) -> dict[str, str]:
+        """{name as given: collection id} for collection names or ids (a vector store's id is its collection's).
+
+        Raises:
+            CollectionError: naming every one that does not exist, on one line.
+        """
+        with session_scope(self.db) as session:
+            found = {n: c.id for n in names if (c := store.get_collection(session, n) or
+                                                 store.get_collection_by_id(session, n)) is not None}  # fmt: skip
+        missing = [n for n in names if n not in found]
+        if missing:
+            listed = ", ".join(repr(n) for n in missing)
+            raise store.CollectionError(f"no collection named {listed} (create one with `mini-claude ingest` "
+                                        "or POST /v1/vector_stores)")  # fmt: skip
+        return found
+
+    def all_chunks(self, collection: str, limit: int = FULL_CONTEXT_CHUNKS) -> list[Hit]:
+        """A collection's chunks in document order (by source, then position): what `full_context` reads."""
+        with session_scope(self.db) as session:
+            coll = self._collection(session, collection)
+            records = store.get_chunks(session, store.chunk_ids(session, coll.id).tolist())
+        ordered = sorted(records.values(), key=lambda r: (r.source, r.seq))[:limit]
+        return [
+            Hit(r.id, 0.0, r.text, r.heading, r.source, r.filename, r.document_id, r.start_char, r.end_char, r.page)
+            for r in ordered
+        ]
 
     def _collection(self, session: Session, name: str) -> KnowledgeCollection:
         coll = store.get_collection(session, name) or store.get_collection_by_id(session, name)

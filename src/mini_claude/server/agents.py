@@ -10,18 +10,20 @@ No FastAPI here (STYLE.md, point 8). Design choices:
 - Applying an agent to a request (`apply`) is the merge rule of `agents.py`: fields the request sets win,
   then the agent's, then the server's defaults (which the areas apply as they always do).
 - Knowledge retrieval is a hook (`KnowledgeHook`): the chat path calls `service.knowledge.ground(...)` with the
-  agent's collections and retrieval settings and the prompt it built. Until the RAG area plugs its retriever
-  in, `NoRetrieval` leaves the prompt as it is and says so in the log once per agent.
+  collections (the request's `knowledge`, else the agent's) and retrieval settings and the prompt it built;
+  `server/grounding.py` implements it over `rag`. An agent whose collection is gone answers with a 400 that
+  names it, at the request that needs it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mini_claude.agents import AgentError, AgentSpec, agent_files, load_agent_file, parse_agent
+from mini_claude.agents import AgentError, AgentSpec, Retrieval, agent_files, load_agent_file, parse_agent
 from mini_claude.db import crud, session_scope
+from mini_claude.rag.grounding import Grounding
 from mini_claude.server.errors import APIError, invalid
 from mini_claude.server.protocol.agents import AgentDeleted, AgentList, AgentObject
 
@@ -45,33 +47,22 @@ def _object(row: Any) -> AgentObject:
     )  # fmt: skip
 
 
-@dataclass
-class Grounding:
-    """What retrieval did to a prompt: the messages to send, and the sources the answer may cite."""
-
-    messages: list[dict[str, str]]
-    citations: list[dict[str, Any]] = field(default_factory=list)
-    note: str | None = None  # why nothing was retrieved, when that is the case
-
-
 class KnowledgeHook(Protocol):
-    """Where retrieval plugs in: given the agent and the prompt's messages, return them grounded."""
+    """Where retrieval plugs in (`server/grounding.py`'s `RagKnowledge`; tests put fakes here).
 
-    async def ground(self, agent: AgentSpec, messages: list[dict[str, str]]) -> Grounding: ...
+    `ground` returns the messages with numbered sources fitted to `budget` prompt tokens (counted by
+    `count`); `tool_round` lets the model call `search_knowledge` first (`retrieval.mode: tool`).
+    """
 
+    async def ground(
+        self, collections: list[str], retrieval: Retrieval, messages: list[dict[str, str]],
+        count: Callable[[list[dict[str, str]]], int] | None = None, budget: int | None = None,
+    ) -> Grounding: ...  # fmt: skip
 
-class NoRetrieval:
-    """The hook until the RAG area provides a retriever: the prompt is sent as it is."""
-
-    def __init__(self) -> None:
-        self._warned: set[str] = set()
-
-    async def ground(self, agent: AgentSpec, messages: list[dict[str, str]]) -> Grounding:
-        if agent.knowledge and agent.retrieval.mode != "off" and agent.name not in self._warned:
-            self._warned.add(agent.name)
-            log.warning("agent %s names knowledge %s, but this server has no retriever yet", agent.name,
-                        ", ".join(agent.knowledge))  # fmt: skip
-        return Grounding(messages, note="retrieval is not available on this server" if agent.knowledge else None)
+    async def tool_round(
+        self, route: Route, collections: list[str], retrieval: Retrieval, messages: list[dict[str, str]],
+        count: Callable[[list[dict[str, str]]], int] | None = None, budget: int | None = None,
+    ) -> Grounding: ...  # fmt: skip
 
 
 class AgentService:

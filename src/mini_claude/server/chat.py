@@ -34,10 +34,11 @@ import anyio
 from jinja2.exceptions import TemplateError
 from pydantic import ValidationError
 
-from mini_claude.agents import AgentSpec
+from mini_claude.agents import AgentSpec, Retrieval
 from mini_claude.chat.memory import ConversationMemory
 from mini_claude.engine import Completion
 from mini_claude.grammar import Grammar, GrammarError
+from mini_claude.rag.grounding import Grounding, MarkFilter
 from mini_claude.server import tools
 from mini_claude.server.conversations import History, not_found
 from mini_claude.server.errors import APIError, generation_failed, invalid, validation_error
@@ -85,6 +86,7 @@ class Context:
     turns: list[dict[str, str]]  # the request's new (non-system) messages, to store
     history: History | None  # the stored conversation, when continuing one
     native: bool = False  # the model's template renders the request's tools itself
+    grounding: Grounding | None = None  # grounded chat: the numbered sources in `messages`
 
 
 @dataclass
@@ -96,6 +98,8 @@ class ReplyEvent:
     content: str = ""
     usage: dict[str, Any] | None = None
     finish_reason: str | None = None
+    citations: list[dict[str, Any]] | None = None  # grounded chat: on "done" only
+    knowledge: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The WebSocket message: `content` is named for what it is (`message` for errors)."""
@@ -106,6 +110,8 @@ class ReplyEvent:
             out["message"] = self.content
         elif self.type == "done":
             out.update(usage=self.usage, finish_reason=self.finish_reason)
+            if self.knowledge is not None:
+                out.update(citations=self.citations or [], knowledge=self.knowledge)
         return out
 
 
@@ -131,13 +137,18 @@ class ChatCompletions:
             return EventStream(self._events(job, handles, req.include_usage), handles, job.conversation_id)
         finals = await self.service.generation.collect(job, handles)
         choices = [self._choice(job, i, c, req.logprobs) for i, c in sorted(finals.items())]
+        grounded = job.grounding
+        citations = None if grounded is None else [
+            cite for c in choices for cite in grounded.cite(c.message.content or "", c.index)
+        ]  # fmt: skip
         return ChatCompletionResponse(
             id=job.id, created=job.created, model=job.model, choices=choices, usage=usage_of(job, finals),
-            conversation_id=job.conversation_id,
+            conversation_id=job.conversation_id, citations=citations,
+            knowledge=None if grounded is None else grounded.report(),
         )  # fmt: skip
 
     def _choice(self, job: Job, index: int, c: Completion, logprobs: bool | None) -> ChatChoice:
-        message, finish = AssistantMessage(content=c.text), c.finish_reason
+        message, finish = AssistantMessage(content=job.shown(c.text)), c.finish_reason
         if job.tools is not None:
             plan = dataclasses.replace(job.tools, ids=[])  # each choice its own call ids
             content, calls = tools.tool_calls(plan, c.text)
@@ -181,14 +192,16 @@ class ChatCompletions:
         repetition_penalty: float | None = None,
         seed: int | None = None,
         model: str | None = None,
+        knowledge: list[str] | None = None,
     ) -> AsyncIterator[ReplyEvent]:
         """The UI's (and WebSocket's) chat turn: start, token..., done; or one error event.
 
         A new conversation is created when `conversation_id` is None (its id is in every event); the exchange
         is stored like any API chat. `system_prompt` sets (or, for an existing conversation, replaces) the
         system prompt; new conversations default to the configured one. `model` picks the base model or an
-        adapter (see `ModelRegistry`). Closing the iterator early (`aclose()`) cancels the generation and
-        stores the partial reply.
+        adapter (see `ModelRegistry`). `knowledge` names collections to ground the answer in (grounded chat,
+        as the API's extension field); the "done" event then carries the citations and the knowledge report.
+        Closing the iterator early (`aclose()`) cancels the generation and stores the partial reply.
         """
         conv = conversation_id or ""
         generation = self.service.generation
@@ -207,6 +220,7 @@ class ChatCompletions:
                     "repetition_penalty": repetition_penalty,
                     "seed": seed,
                     "model": model,
+                    "knowledge": knowledge or None,
                 }
             )
             route = await self.service.models.route(model)
@@ -227,12 +241,16 @@ class ChatCompletions:
             return
         conv = job.conversation_id or ""
         final: Completion | None = None
+        marks = MarkFilter(job.grounding.numbers) if job.grounding is not None else None
         try:
             yield ReplyEvent("start", conv)
             async with aclosing(generation.generate(job, handles)) as events:
                 async for _, chunk in events:
-                    if chunk.text:
-                        yield ReplyEvent("token", conv, chunk.text)
+                    text = marks.feed(chunk.text) if marks is not None else chunk.text
+                    if chunk.completion is not None and marks is not None:
+                        text += marks.flush()
+                    if text:
+                        yield ReplyEvent("token", conv, text)
                     final = chunk.completion or final
         except (APIError, RuntimeError) as exc:
             yield ReplyEvent("error", conv, exc.message if isinstance(exc, APIError) else "The generation failed.")
@@ -244,7 +262,12 @@ class ChatCompletions:
         usage = usage_of(job, {0: final}).model_dump() | {
             "ttft_ms": round(final.ttft_ms, 1), "decode_tokens_per_s": round(final.decode_tokens_per_s, 1),
         }  # fmt: skip
-        yield ReplyEvent("done", conv, usage=usage, finish_reason=final.finish_reason)
+        grounded = job.grounding
+        yield ReplyEvent(
+            "done", conv, usage=usage, finish_reason=final.finish_reason,
+            citations=None if grounded is None else grounded.cite(job.shown(final.text)),
+            knowledge=None if grounded is None else grounded.report(),
+        )  # fmt: skip
 
     async def _context(
         self, req: ChatCompletionRequest, route: Route, key: str, default_system: str | None,
@@ -297,9 +320,31 @@ class ChatCompletions:
                 first = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
                 prompt = "\n\n".join(p for p in (first, tool_system) if p)
                 messages = [{"role": "system", "content": prompt}] + [m for m in messages if m["role"] != "system"]
-        if agent is not None and agent.knowledge:
-            messages = (await service.knowledge.ground(agent, messages)).messages  # the retrieval hook
-        return Context(messages, system, turns, history, native)
+        grounding = None
+        knowledge = self.knowledge_of(req, route)
+        # The knowledge tool (mode "tool") runs in `_prepare`, unless the request brings tools of its own: then
+        # the sources go into the prompt, as in every other mode.
+        if knowledge is not None and (knowledge[1].mode != "tool" or plan is not None):
+            collections, retrieval = knowledge
+            grounding = await service.knowledge.ground(collections, retrieval, messages, count, budget)
+            messages = grounding.messages
+        return Context(messages, system, turns, history, native, grounding)
+
+    def knowledge_of(self, req: ChatCompletionRequest, route: Route) -> tuple[list[str], Retrieval] | None:
+        """The collections to ground `req` in and how (request > agent > defaults), or None for plain chat.
+
+        Grounded chat runs on local models only: an upstream's answers would need their [n] marks read back
+        from a proxied stream, which `remote.py` does not do, so asking for it is a 400 rather than ignored.
+        """
+        agent = route.agent
+        collections = req.knowledge if req.knowledge is not None else (agent.knowledge if agent else [])
+        retrieval = req.retrieval or (agent.retrieval if agent is not None else Retrieval())
+        if not collections or retrieval.mode == "off":
+            return None
+        if route.upstream is not None:
+            raise invalid("Invalid value for 'knowledge': grounded chat runs on this server's own models, not on "
+                          "an upstream's.", "knowledge", "unsupported_model")  # fmt: skip
+        return list(collections), retrieval
 
     async def _store(self, req: ChatCompletionRequest, job: Job, context: Context) -> None:
         """Store the request's new turns (or, for a retry of a finished request, take its stored reply)."""
@@ -338,6 +383,13 @@ class ChatCompletions:
                 req, route, job.key, default_system, lambda m: len(engine.encode_chat(m)), max(window - reserve, 1),
                 plan,
             )  # fmt: skip
+            knowledge = self.knowledge_of(req, route)
+            if knowledge is not None and knowledge[1].mode == "tool" and plan is None:  # the knowledge tool
+                context.grounding = await service.knowledge.tool_round(
+                    route, *knowledge, context.messages, lambda m: len(engine.encode_chat(m)), max(window - reserve, 1),
+                )  # fmt: skip
+                context.messages = context.grounding.messages
+            job.grounding = context.grounding
             specs = [t.model_dump(exclude_none=True) for t in req.tools or []] if context.native else None
             # rendering and tokenizing: off the event loop
             ids = await anyio.to_thread.run_sync(engine.encode_chat, context.messages, specs)
@@ -353,9 +405,20 @@ class ChatCompletions:
         return job
 
     async def _events(self, job: Job, handles: list[Handle], include_usage: bool) -> AsyncIterator[str]:
-        def chunk(choices: list[ChatChunkChoice], usage: Any = None) -> str:
+        def chunk(choices: list[ChatChunkChoice], usage: Any = None, **extensions: Any) -> str:
             return sse(ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=choices,
-                                           usage=usage, conversation_id=job.conversation_id))  # fmt: skip
+                                           usage=usage, conversation_id=job.conversation_id, **extensions))  # fmt: skip
+
+        grounded = job.grounding
+        marks = {i: MarkFilter(grounded.numbers) for i in range(len(handles))} if grounded is not None else {}
+        shown: dict[int, list[str]] = {}  # per choice, what was sent (a replayed reply has no handles)
+
+        def content(i: int, text: str, last: bool) -> list[dict[str, Any]]:
+            """Content deltas of choice i, with unknown [n] marks held back and cut (grounded chat)."""
+            if i in marks:
+                text = marks[i].feed(text) + (marks[i].flush() if last else "")
+            shown.setdefault(i, []).append(text)
+            return [{"content": text}] if text else []
 
         for i in range(1 if job.replay is not None else len(handles)):
             yield chunk([ChatChunkChoice(index=i, delta={"role": "assistant", "content": ""})])
@@ -368,7 +431,8 @@ class ChatCompletions:
                 async for i, c in events:
                     lp = chat_logprobs(engine, c.logprobs) if c.logprobs else None  # type: ignore[arg-type]
                     lp = lp if lp is not None and lp.content else None
-                    deltas = parsers[i].feed(c.text) if i in parsers else [{"content": c.text}] if c.text else []
+                    last = c.completion is not None
+                    deltas = parsers[i].feed(c.text) if i in parsers else content(i, c.text, last)
                     for n, delta in enumerate(deltas):
                         yield chunk([ChatChunkChoice(index=i, delta=delta, logprobs=lp if n == 0 else None)])
                     if lp is not None and not deltas:  # tokens whose text is held back still report logprobs
@@ -383,6 +447,10 @@ class ChatCompletions:
             yield sse(exc.body() if isinstance(exc, APIError) else generation_failed().body())
             yield DONE
             return
-        if include_usage:
+        if grounded is not None:  # the citations, once, on the final chunk (with the usage, when asked for)
+            citations = [cite for i in sorted(shown) for cite in grounded.cite("".join(shown[i]), i)]
+            usage = usage_of(job, finals) if include_usage else None
+            yield chunk([], usage, citations=citations, knowledge=grounded.report())
+        elif include_usage:
             yield chunk([], usage_of(job, finals))
         yield DONE

@@ -37,6 +37,7 @@ from mini_claude.server.protocol import Usage, now
 from mini_claude.server.response_cache import CachedReply
 
 if TYPE_CHECKING:
+    from mini_claude.rag.grounding import Grounding
     from mini_claude.server.service import ChatService
     from mini_claude.server.tools import ToolPlan
 
@@ -63,6 +64,11 @@ class Job:
     adapter: str | None = None  # the LoRA adapter the model id names; None for the base model
     cache_key: Hashable | None = None  # set when the answer, once finished, goes into the response cache
     tools: ToolPlan | None = None  # the request's tools, when the model may call them
+    grounding: Grounding | None = None  # the numbered sources of a grounded chat (unknown [n] marks are cut)
+
+    def shown(self, text: str) -> str:
+        """The reply as clients see it and the store keeps it: without [n] marks that name no source."""
+        return self.grounding.clean(text) if self.grounding is not None else text
 
 
 @dataclass
@@ -216,7 +222,7 @@ class Generation:
                     handle.cancel()
             if outcome == "cancelled":
                 metrics.observe_cancelled(len(handles) - len(finals))
-                partial = "".join(texts[0])
+                partial = job.shown("".join(texts[0]))
                 if job.conversation_id is not None and 0 not in finals and partial:
                     with anyio.CancelScope(shield=True):  # the request is being cancelled; this store must finish
                         try:
@@ -224,7 +230,7 @@ class Generation:
                         except APIError:
                             log.warning("could not store the partial reply of %s", job.id)
         if job.conversation_id is not None:
-            await self.service.db_call(store.store_reply, job, finals[0].text, finals[0])
+            await self.service.db_call(store.store_reply, job, job.shown(finals[0].text), finals[0])
 
     async def collect(self, job: Job, handles: Sequence[Handle]) -> dict[int, Completion]:
         """Run a job to the end (non-streaming responses): the final `Completion` of each choice."""

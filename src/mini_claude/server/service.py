@@ -10,8 +10,8 @@ Design choices:
   `conversations.py` (the conversation store), `generation.py` (the one path from a prepared job through the
   scheduler to text chunks, with metrics and storing the reply), `chat.py` (chat completions and the UI's
   chat turn), `remote.py` (chat with upstream models, `UPSTREAM/MODEL`), `agents.py` (agent profiles, and
-  the `knowledge` hook where retrieval plugs in), `completions.py` (text completions), `socket.py` (the
-  WebSocket protocol), `fine_tunes.py`.
+  the `knowledge` hook), `grounding.py` (grounded chat and the knowledge tool over `rag`), `completions.py`
+  (text completions), `socket.py` (the WebSocket protocol), `fine_tunes.py`.
   Areas hold a reference to this object and read the engine, scheduler and database from it at call time.
 - Database calls run in worker threads (SQLAlchemy is synchronous) through `db_call`, which turns a
   database failure into a 503 in OpenAI's shape.
@@ -33,13 +33,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from mini_claude.db import ping
 from mini_claude.engine import Engine
 from mini_claude.scheduler import Scheduler
-from mini_claude.server.agents import AgentService, KnowledgeHook, NoRetrieval
+from mini_claude.server.agents import AgentService, KnowledgeHook
 from mini_claude.server.audio import AudioService
 from mini_claude.server.chat import ChatCompletions, ReplyEvent
 from mini_claude.server.completions import TextCompletions
 from mini_claude.server.conversations import ConversationStore
 from mini_claude.server.errors import APIError
 from mini_claude.server.generation import Generation
+from mini_claude.server.grounding import RagKnowledge
 from mini_claude.server.metrics import Metrics
 from mini_claude.server.models import ModelRegistry
 from mini_claude.server.protocol import HealthResponse, ModelCard
@@ -69,7 +70,8 @@ class ChatService:
         self.audio = AudioService(self)
         self.agents = AgentService(self)
         self.remote = RemoteChat(self)
-        self.knowledge: KnowledgeHook = NoRetrieval()  # the RAG area's retriever replaces this
+        self.rag = RagKnowledge(self)  # grounded chat over rag/ (also what /v1/vector_stores searches)
+        self.knowledge: KnowledgeHook = self.rag  # the hook the chat path calls (tests may swap it)
 
     def start(self, engine: Engine, db: Database, scheduler: Scheduler | None = None) -> None:
         self.engine, self.db = engine, db

@@ -14,16 +14,15 @@ Design choices:
   arguments must validate against that function's `parameters`). `none` leaves tools out of the prompt.
 - Streaming: `ToolCallParser` re-reads the text so far on every chunk (replies are short) and reports what is
   new: a call's id and name once the name is complete, then argument fragments, as OpenAI streams them.
-- The built-in knowledge tool (the server runs `search_knowledge` itself and continues) is meant to hook in
-  here: `SERVER_TOOLS` maps a name to a callable that the chat turn would run before answering. It is empty
-  until the knowledge store exists.
+- The built-in knowledge tool (`search_knowledge`, which the server runs itself before answering) uses this
+  module's plan, grammar and parser; its round is `server/grounding.py`'s `RagKnowledge.tool_round`.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +40,6 @@ TOOL_PROMPT = """You can call functions to help answer. To call one, reply with 
 Otherwise, answer the user directly. Function results come back in <tool_response> tags.
 The functions:
 {functions}"""
-
-# name -> what runs it on the server (the knowledge tool's hook; see the module docstring)
-SERVER_TOOLS: dict[str, Callable[[dict[str, Any]], str]] = {}
 
 
 @dataclass

@@ -59,7 +59,6 @@ def _not_found(vs_id: str) -> APIError:
 class VectorStoreService:
     def __init__(self, chat: ChatService, files: FileService) -> None:
         self.chat, self.files = chat, files
-        self._knowledge: Knowledge | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vector-store-ingest")
 
     def stop(self) -> None:
@@ -67,10 +66,9 @@ class VectorStoreService:
 
     @property
     def knowledge(self) -> Knowledge:
-        if self._knowledge is None:
-            db = self.files._db()
-            self._knowledge = Knowledge(db, index_dir=self.chat.settings.rag_index_dir)
-        return self._knowledge
+        """The server's one `Knowledge` (grounded chat searches the same), so the embedder loads once."""
+        self.files._db()  # a 503 while the server starts
+        return self.chat.rag.knowledge
 
     # --------------------------------------------------------------------------------------------- stores
     def _store_object(self, session: Any, c: KnowledgeCollection) -> dict[str, Any]:

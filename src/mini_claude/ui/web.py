@@ -16,6 +16,10 @@ Design choices:
   chat pane covered by an "Error" badge (the same race as gradio-app/gradio#10648 and #11586).
 - The conversation list is a radio group whose values are conversation ids and whose labels are titles;
   only user input (`.input`, not `.change`) opens a conversation, so refreshing the list never reloads one.
+- Grounded chat: a "Knowledge" box names collections (comma-separated); the reply then streams without
+  unknown [n] marks (the service cuts them) and, when it is done, the sources are shown under it: each
+  numbered source with its file and heading, which ones the reply cites, and how many were left out for lack
+  of room. They are the pane's, not the store's: a reopened conversation shows its replies without them.
 - Client-side rendering only (`ssr_mode=False`: no Node server), telemetry off, the theme's bundled fonts:
   the page works on a machine without internet.
 """
@@ -56,6 +60,8 @@ class ReplyEventLike(Protocol):
     type: str  # "start" | "token" | "done" | "error"
     conversation_id: str
     content: str
+    citations: list[dict[str, Any]] | None  # grounded chat, on "done"
+    knowledge: dict[str, Any] | None
 
 
 class ChatService(Protocol):
@@ -70,6 +76,7 @@ class ChatService(Protocol):
         max_tokens: int | None = None,
         *,
         model: str | None = None,
+        knowledge: list[str] | None = None,
     ) -> AsyncIterator[ReplyEventLike]: ...
 
     @property
@@ -85,6 +92,26 @@ class ChatService(Protocol):
 def _label(conversation: dict[str, Any]) -> str:
     title = " ".join(str(conversation.get("title") or "Untitled").split())
     return title if len(title) <= LABEL_CHARS else title[: LABEL_CHARS - 1] + "…"
+
+
+def _md(text: str) -> str:
+    """Text shown literally in Markdown (file names and headings may hold `*`, `_`, `[`...)."""
+    return "".join("\\" + ch if ch in "\\`*_[]<>#|" else ch for ch in text)
+
+
+def sources_markdown(knowledge: dict[str, Any], citations: list[dict[str, Any]]) -> str:
+    """The sources under a grounded reply: each numbered one with file, page and heading, and whether cited."""
+    cited = {c["n"] for c in citations}
+    lines = ["**Sources**", ""]
+    for s in knowledge.get("sources") or []:
+        where = _md(s["filename"] or s["file_id"]) + (f", page {s['page']}" if s.get("page") else "")
+        where += f" — {_md(s['heading'])}" if s.get("heading") else ""
+        lines.append(f"- \\[{s['n']}\\] {where}{' · *cited*' if s['n'] in cited else ''}")
+    if knowledge.get("left_out"):
+        lines.append(f"- *{len(knowledge['left_out'])} more left out: no room in the context*")
+    if not knowledge.get("sources"):
+        lines.append(f"- *no source: {_md(knowledge.get('note') or 'nothing was found')}*")
+    return "\n".join(lines)
 
 
 def _friendly(fn: Callable[..., T], *args: Any) -> T:
@@ -155,6 +182,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
         temperature: float,
         max_tokens: float,
         model: str | None,
+        knowledge: str,
         request: gr.Request,
     ) -> AsyncIterator[tuple[Any, Any, Any, Any]]:
         """Stream one reply into the chat pane; outputs are (chat, message box, open conversation, list)."""
@@ -173,7 +201,9 @@ def build_ui(service: ChatService) -> gr.Blocks:
             temperature=float(temperature),
             max_tokens=int(max_tokens),
             model=model or None,
+            **({"knowledge": names} if (names := [n.strip() for n in knowledge.split(",") if n.strip()]) else {}),
         )
+        sources = ""
         try:
             # Leaving this block, however it happens, closes the service's iterator: that cancels the generation.
             async with contextlib.aclosing(events), contextlib.aclosing(until_set(events, stop)) as stream:
@@ -183,6 +213,11 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         # The conversation is in the store from its first message: list it at once.
                         listed = await asyncio.to_thread(conversation_list, conversation_id)  # a database read
                         yield gr.skip(), gr.skip(), conversation_id, listed
+                        continue
+                    if event.type == "done" and getattr(event, "knowledge", None) is not None:
+                        sources = sources_markdown(event.knowledge, event.citations or [])  # type: ignore[arg-type]
+                        yield [*history, {"role": "assistant", "content": f"{reply}\n\n{sources}"}], gr.skip(), \
+                            conversation_id, gr.skip()  # fmt: skip
                         continue
                     if event.type == "token":
                         reply += event.content
@@ -196,7 +231,8 @@ def build_ui(service: ChatService) -> gr.Blocks:
             if stops.get(request.session_hash or "") is stop:
                 del stops[request.session_hash or ""]
         # The final chat, and the list again: the store has just touched (and may have retitled) the conversation.
-        final = [*history, {"role": "assistant", "content": reply}] if reply else history
+        shown = f"{reply}\n\n{sources}" if sources else reply
+        final = [*history, {"role": "assistant", "content": shown}] if shown else history
         yield final, gr.skip(), conversation_id, await asyncio.to_thread(conversation_list, conversation_id)
 
     async def stop_reply(request: gr.Request) -> None:
@@ -258,6 +294,10 @@ def build_ui(service: ChatService) -> gr.Blocks:
                         1, MAX_TOKENS_LIMIT, value=default_max_tokens, step=1, label="Max new tokens",
                         elem_id="max-tokens",
                     )  # fmt: skip
+                    knowledge = gr.Textbox(
+                        label="Knowledge", placeholder="collections to answer from, e.g. notes, vs_…",
+                        info="grounded chat: the sources appear under the reply", elem_id="knowledge",
+                    )  # fmt: skip
                     voice = voice_ui.voice_picker(audio) if audio is not None else None
             with gr.Column(scale=4):
                 chat = gr.Chatbot(
@@ -289,7 +329,7 @@ def build_ui(service: ChatService) -> gr.Blocks:
         gr.on(
             [send_button.click, message.submit],
             send,
-            [message, chat, open_id, system_prompt, temperature, max_tokens, model],
+            [message, chat, open_id, system_prompt, temperature, max_tokens, model, knowledge],
             [chat, message, open_id, conversations],
             trigger_mode="once",  # one reply at a time per page
             concurrency_limit=None,  # many tabs' replies are batched by the service's scheduler, not serialised

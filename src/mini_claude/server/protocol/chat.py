@@ -12,7 +12,8 @@ Design choices:
   asked for. Tools, `response_format` and log-probabilities are implemented (see `server/tools.py`); whether
   a schema is supported is decided where the tokenizer is (a 400 naming the feature).
 - Extensions ride in the same body (the `openai` client sends them through `extra_body`): `top_k`,
-  `repetition_penalty`, `ignore_eos` (vLLM's name) and `conversation_id` for server-side memory.
+  `repetition_penalty`, `ignore_eos` (vLLM's name), `conversation_id` for server-side memory, and
+  `knowledge` (+ `retrieval`) for grounded chat, whose answers carry `citations` (`protocol/knowledge.py`).
 - Booleans are strict (`"stream": "yes"` is an error, not true). Every string is checked to be valid
   Unicode: JSON may carry lone surrogates (`"\\ud800"`), which neither the tokenizer nor the database can
   encode.
@@ -26,8 +27,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
+from mini_claude.agents import MAX_COLLECTIONS, Retrieval
 from mini_claude.generate import MAX_TOP_LOGPROBS, SamplingParams
 from mini_claude.server.protocol.common import INT64, _Request
+from mini_claude.server.protocol.knowledge import Citation, KnowledgeReport, citations_field, knowledge_field
 from mini_claude.text import Text
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -255,6 +258,11 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     response_format: ResponseFormat | None = None
+    knowledge: list[Text] | None = Field(
+        None, max_length=MAX_COLLECTIONS,
+        description="Grounded chat: collections (names or vector store ids) to answer from, with citations.",
+    )  # fmt: skip
+    retrieval: Retrieval | None = Field(None, description="How to search `knowledge` (default: the agent's).")
 
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
@@ -406,6 +414,8 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     system_fingerprint: str | None = None
     conversation_id: str | None = Field(None, description="Where this exchange is stored (extension).")
+    citations: list[Citation] | None = citations_field()
+    knowledge: KnowledgeReport | None = knowledge_field()
 
 
 class ChatChunkChoice(BaseModel):
@@ -424,6 +434,8 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None  # only on the last chunk, and only with stream_options.include_usage
     conversation_id: str | None = None
+    citations: list[Citation] | None = citations_field()  # grounded chat: on the final chunk only
+    knowledge: KnowledgeReport | None = knowledge_field()
 
 
 class CompletionChoice(BaseModel):
