@@ -61,7 +61,8 @@ class RagKnowledge:
             from mini_claude.rag.knowledge import Knowledge
 
             _, _, db = self.service.ready()
-            self._knowledge = Knowledge(db, index_dir=self.service.settings.rag_index_dir)
+            settings = self.service.settings
+            self._knowledge = Knowledge(db, index_dir=settings.rag_index_dir, embed_precision=settings.embed_precision)
         return self._knowledge
 
     async def search(self, collections: list[str], retrieval: Retrieval, query: str) -> list[tuple[str, Hit]]:
