@@ -48,6 +48,17 @@ std::atomic<int> g_wanted{0};  // helpers that take part (at::get_num_threads() 
 std::mutex g_mu;
 int g_started = 0;
 constexpr int kSpins = 20000;  // ~ tens of microseconds of pause instructions
+// Every this many pauses a spinning thread yields its core: when the process has one core's worth of CPU (the
+// other taken by another process), a caller spinning for a helper's chunk, or a helper spinning for the next
+// job, would otherwise hold the core the other one needs until the next scheduler tick (milliseconds).
+constexpr int kYieldEvery = 1000;
+
+inline void spin_pause(int spins) {
+  if (spins % kYieldEvery == kYieldEvery - 1)
+    std::this_thread::yield();
+  else
+    MC_PAUSE();
+}
 
 void run(const Job* job) {
   uint64_t s = g_state.load();
@@ -69,7 +80,7 @@ void helper(int index) {
     uint32_t g;
     while ((g = g_gen.load()) == seen) {
       if (++spins < kSpins) {
-        MC_PAUSE();
+        spin_pause(spins);
       } else {
         g_sleepers.fetch_add(1);
         g_gen.wait(seen);
@@ -122,7 +133,7 @@ void parallel_for(int64_t n, int64_t chunk, const std::function<void(int64_t, in
   if (g_sleepers.load() > 0) g_gen.notify_all();
   run(&job);
   g_job.store(nullptr);
-  while (g_active.load() != 0) MC_PAUSE();
+  for (int spins = 0; g_active.load() != 0; ++spins) spin_pause(spins);
 }
 
 }  // namespace mini_claude
