@@ -45,22 +45,29 @@ def test_batched_generation_equals_one_by_one_on_the_real_model(ours_bundled_fp3
         assert batched[i] == engine.complete(ids, params).completion_ids
 
 
+@pytest.fixture(scope="module")
+def fp32_reference(ours_bundled_fp32: Engine) -> tuple[list[int], list[int], torch.Tensor]:
+    """(prompt ids, prompt + fp32's greedy 64 tokens, fp32's logits over that sequence): the same for int8 and
+    int4, so computed once (a 64-token fp32 generation and a forward of the whole sequence)."""
+    ids = ours_bundled_fp32.encode_chat([{"role": "user", "content": PROMPTS[1]}])
+    params = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
+    seq = ids + ours_bundled_fp32.complete(ids, params).completion_ids
+    with torch.inference_mode():
+        ref = ours_bundled_fp32.model(torch.tensor([seq]))[0].float()
+    return ids, seq, ref
+
+
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_model_stays_close_to_fp32(quantize: str, ours_bundled_fp32: Engine, bundled_gguf) -> None:
+def test_quantized_model_stays_close_to_fp32(quantize: str, fp32_reference, bundled_gguf) -> None:
     """Teacher-forced: on the same token sequence, the quantized model ranks next tokens like fp32 does.
 
     int4 runs the file's own Q4_1 values (only the scale/zero rounding to bf16 differs); bf16 activations
     add the rest. The bound follows the reference measurements (bf16 vs fp32 agree on ~99% of top-1).
     """
     engine = Engine.load(bundled_gguf, dtype="bfloat16", quantize=quantize)
-    ref_engine = ours_bundled_fp32
-    ids = ref_engine.encode_chat([{"role": "user", "content": PROMPTS[1]}])
-    seq = (
-        ids + ref_engine.complete(ids, SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)).completion_ids
-    )
+    ids, seq, ref = fp32_reference
     x = torch.tensor([seq])
     with torch.inference_mode():
-        ref = ref_engine.model(x)[0].float()
         # one token at a time through the cache: the int4 kernel path (prefill of >8 rows runs dense bf16)
         cache = engine.model.new_cache(1)
         engine.model(x[:, : len(ids)], cache=cache)

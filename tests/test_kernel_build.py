@@ -1,10 +1,12 @@
-"""The kernel build's lock: a build killed half-way must not make every later build wait forever."""
+"""The kernel build: a build killed half-way must not make every later build wait forever, and one ninja builds."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,13 @@ def test_each_environment_and_checkout_builds_in_its_own_directory(
     shutil.copytree(kernels.CSRC, tmp_path / "csrc")
     monkeypatch.setattr(kernels, "CSRC", tmp_path / "csrc")
     assert kernels.build_dir() != here
+
+
+def test_the_build_runs_this_environment_s_ninja_whatever_path_finds_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ninja 1.11 and 1.12+ hash commands differently: two ninjas on one build directory rebuilt it in turn
+    ours = shutil.which("ninja", path=sysconfig.get_path("scripts"))
+    assert ours is not None, "the package depends on pip's ninja"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with kernels._own_ninja():
+        assert shutil.which("ninja") == ours
+    assert os.environ["PATH"] == "/usr/bin:/bin"

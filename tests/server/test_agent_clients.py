@@ -9,6 +9,7 @@ request is greedy with a small token budget. Constrained decoding is what makes 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -17,14 +18,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 import yaml
 from pydantic import BaseModel, Field
-
-from mini_claude.catalog import bundled_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -180,24 +180,27 @@ def write_task(root: Path) -> str:
     return task["task"]  # type: ignore[return-value]
 
 
-def test_lm_eval_local_completions_matches_its_hf_backend(server: Server, tmp_path: Path) -> None:
+def test_lm_eval_local_completions_matches_its_hf_backend(server: Server, tmp_path: Path, hf_bundled: Any) -> None:
+    """`hf_bundled` is `transformers` loading the GGUF as lm-eval's `hf` backend would (`from_pretrained` with
+    `gguf_file`, float32), once a session: that load takes 1-2 minutes here, and test_bundled.py needs it too."""
     import lm_eval
-    import transformers
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    gguf = Path(bundled_model_path())  # type: ignore[arg-type]
+    hf_model, hf_tokenizer = hf_bundled
     tokenizer_dir = tmp_path / "tokenizer"
-    transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tokenizer_dir)
+    hf_tokenizer.save_pretrained(tokenizer_dir)
     name = write_task(tmp_path)
     tasks = TaskManager(include_path=str(tmp_path))
 
-    def run(model: str, args: str) -> list[float]:
+    def run(model: Any, args: str | None = None) -> list[float]:
         out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=[name], task_manager=tasks,
                                       log_samples=True, batch_size=1)  # fmt: skip
         return [r[0] for s in out["samples"][name] for r in s["filtered_resps"]]  # type: ignore[index]
 
     ours = run("local-completions", f"model={MODEL},base_url={server.url}/v1/completions,tokenizer={tokenizer_dir},"
                "tokenized_requests=True,num_concurrent=1,max_retries=1")  # fmt: skip
-    theirs = run("hf", f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32,device=cpu")
+    # lm-eval may give the tokenizer a pad token: a copy keeps the session's one as loaded
+    theirs = run(HFLM(pretrained=hf_model, tokenizer=copy.deepcopy(hf_tokenizer), batch_size=1, device="cpu"))
     assert len(ours) == len(theirs) == 18
     assert ours == pytest.approx(theirs, abs=2e-3)

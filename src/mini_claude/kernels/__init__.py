@@ -31,7 +31,9 @@ import fcntl
 import hashlib
 import os
 import platform
+import shutil
 import sys
+import sysconfig
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,7 +90,7 @@ def load(verbose: bool = False) -> ModuleType | None:
 
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        with _build_lock(directory):
+        with _build_lock(directory), _own_ninja():
             _ext = load_extension(
                 name=NAME,
                 sources=[str(CSRC / s) for s in SOURCES],
@@ -120,6 +122,29 @@ def _build_lock(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _own_ninja() -> Iterator[None]:
+    """Build with this environment's `ninja` (a dependency of the package), whatever PATH finds first.
+
+    torch runs `ninja` from PATH, and ninja 1.12 changed the hash of commands that its log keeps: a system
+    ninja 1.11 and pip's 1.13 each take the other's log for changed commands and rebuild everything. So a
+    process started with the venv's bin/ on PATH (an activated venv, `mini-claude` run from a shell that has
+    it) and one started as `.venv/bin/python ...` without it rebuilt the kernels in turn, minutes each time
+    on two cores (the test suite paid it several times a run). Pinning one ninja per environment ends that.
+    """
+    scripts = sysconfig.get_path("scripts")
+    ninja = shutil.which("ninja", path=scripts)
+    path = os.environ.get("PATH", "")
+    if ninja is None or path.split(os.pathsep)[0] == scripts:
+        yield
+        return
+    os.environ["PATH"] = scripts + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def available() -> bool:
