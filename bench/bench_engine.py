@@ -165,7 +165,7 @@ def _cpu_seconds(since: resource.struct_rusage) -> float:
 # ------------------------------------------------------------------------------------------- backends
 
 IMPORTS = {
-    "mini-claude": ["torch", "mini_claude.engine"],
+    "mini-claude": ["mini_claude", "torch", "mini_claude.engine"],  # the package first, as its commands do
     "llama-bench": [],
     "transformers": ["torch", "transformers", "transformers.models.llama.modeling_llama", "accelerate"],
     "llama.cpp": ["numpy", "llama_cpp"],
@@ -274,10 +274,13 @@ def load_llama_cpp(spec: dict[str, Any]) -> Generate:
 def run_llama_bench(spec: dict[str, Any]) -> dict[str, Any]:
     """`llama-bench` on the same file and threads: decode of 128 tokens (tg128) and prompts of 40 and 512 tokens,
     each the mean of 3 of its own repetitions. It reports throughput only (no TTFT, memory or load time)."""
+    from mini_claude import peer_environment
+
     n = spec["new_tokens"]
     cmd = [str(LLAMA_BENCH), "-m", spec["model"], "-t", str(spec["threads"]), "-p", f"40,{LONG_TOKENS}", "-n", str(n)]
     cpu0, wall0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    out = subprocess.run([*cmd, "-r", "3", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    env = peer_environment()
+    out = subprocess.run([*cmd, "-r", "3", "-o", "json"], capture_output=True, text=True, check=True, env=env).stdout
     wall = time.perf_counter() - wall0
     now = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (now.ru_utime + now.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
@@ -384,7 +387,12 @@ def llama_cpp_extra_bufts_work(model: Path) -> bool:
 def run_one(name: str, spec_path: Path, threads: int, timeout: float) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} | ENV.get(name, {})
+    # Peers get the environment without Mini-Claude's OpenMP default (mini_claude.peer_environment): llama.cpp's
+    # OpenMP threads would otherwise wait passively too, and its barriers made it 3x slower.
+    from mini_claude import peer_environment  # here, not at the top: the llama.cpp worker must not import it
+
+    base = os.environ if BACKENDS[name][0] == "mini-claude" else peer_environment()
+    env = base | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} | ENV.get(name, {})
     cmd = [sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--result", str(out)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

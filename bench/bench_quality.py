@@ -106,7 +106,9 @@ def run_llama_perplexity(model: str, file: Path, ctx: int, threads: int, kld: Pa
     cmd = [str(binary), "-m", model, "-f", str(file), "-c", str(ctx), "-t", str(threads),
            "--kl-divergence-base", str(kld)]  # fmt: skip
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    from mini_claude import peer_environment  # llama-perplexity with its own OpenMP defaults
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=peer_environment())
     found = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", proc.stdout + proc.stderr)
     if proc.returncode or not found:
         return {"error": f"llama-perplexity failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-300:]}"}

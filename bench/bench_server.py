@@ -74,6 +74,7 @@ TURNS = [
 LLAMA_SERVER = Path(os.environ.get("LLAMA_CPP_HOME", Path.home() / ".cache" / "mini-claude" / "llama.cpp"))
 LLAMA_SERVER = LLAMA_SERVER / "build" / "bin" / "llama-server"
 ENGINE_WORKER = """
+import mini_claude  # first, as in `mini-claude serve`: its OpenMP default must precede torch
 import json, sys, time, torch
 from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
@@ -144,6 +145,9 @@ class Server:
 
 def start_servers(model: Path, threads: int, workdir: Path, backends: list[str]) -> dict[str, Server]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINI_CLAUDE_")} | {"MINI_CLAUDE_UI": "false"}
+    from mini_claude import peer_environment
+
+    peer_env = peer_environment()  # llama-server with its own OpenMP defaults, not Mini-Claude's
     servers: dict[str, Server] = {}
     for name in backends:
         port = str(free_port())
@@ -160,7 +164,7 @@ def start_servers(model: Path, threads: int, workdir: Path, backends: list[str])
                 str(LLAMA_SERVER), "-m", str(model), "--port", port, "--host", "127.0.0.1", "-t", str(threads),
                 "-tb", str(threads), "-np", "8", "-c", "16384",
             ]  # fmt: skip
-        servers[name] = Server(name, command, workdir, env)
+        servers[name] = Server(name, command, workdir, env if name.startswith("mini-claude") else peer_env)
         servers[name].wait_ready()  # one at a time: loading both at once would slow both
     return servers
 
