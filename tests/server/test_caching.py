@@ -77,7 +77,9 @@ def test_response_cache_answers_identical_deterministic_requests(
         return [(e["object"], e["model"], e["choices"]) for e in events]
 
     assert shape(cached) == shape(live)  # the same chunks, one by one: it streams like a real answer
-    assert len([e for e in live if e["choices"] and e["choices"][0]["delta"].get("content")]) > 1
+    # (How many chunks the live answer came in depends on how fast tokens arrive against how fast the client
+    # reads: the scheduler joins tokens that queued up. The replay repeats whatever the live stream was.)
+    assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in live)
     plain = client.post("/v1/chat/completions", json=chat("Tell me about caches.")).json()  # not streamed: a hit too
     assert plain["choices"][0]["message"]["content"] == "".join(
         e["choices"][0]["delta"].get("content") or "" for e in live if e["choices"]
