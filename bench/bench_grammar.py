@@ -5,7 +5,7 @@ Run `python bench/bench_grammar.py` (the bundled SmolLM2-135M; `--model` for ano
 
 Design choices:
 - The engine alone (`BatchGenerator`, no HTTP), the same prompt in every row, greedy, every row generating
-  exactly `--tokens` tokens: the grammar run's schema allows a long reply (an array of up to 10,000 short
+  exactly `--tokens` tokens: the grammar run's schema demands a long reply (an array of 10,000 short
   objects), so neither run ends early and both do the same forwards. What differs is the per-row mask:
   llguidance computing the allowed set, and the -inf fill of the masked logits.
 - Interleaved rounds (free, constrained, free, ...) with the median per configuration, so a burst of load
@@ -26,7 +26,7 @@ from mini_claude.generate import BatchGenerator, SamplingParams
 from mini_claude.grammar import Grammar
 
 SCHEMA = {
-    "type": "array", "maxItems": 10000,
+    "type": "array", "minItems": 10000, "maxItems": 10000,  # the array cannot close: no row ends early
     "items": {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
               "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0,
                              "maximum": 120}, "city": {"type": "string", "maxLength": 12}}},
