@@ -154,11 +154,26 @@ async def user(c: int, url: str, until: float, max_tokens: int, stats: Stats) ->
 
 
 async def check(url: str, conversation_id: str | None, turns: list[Turn]) -> bool:
-    """Whether the stored conversation is what its client saw (see the module docstring)."""
+    """Whether the stored conversation is what its client saw (see the module docstring); a mismatch is kept
+    in `MISMATCHES` (both sides), for the report."""
     if conversation_id is None:
         return not turns
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
         messages = (await client.get(f"/v1/conversations/{conversation_id}")).json()["messages"]
+    ok = _matches(messages, turns)
+    if not ok:
+        MISMATCHES.append({
+            "conversation_id": conversation_id,
+            "client_saw": [{"user": t.user, "reply": t.reply, "complete": t.complete} for t in turns],
+            "stored": [{"role": m["role"], "content": m["content"]} for m in messages],
+        })  # fmt: skip
+    return ok
+
+
+MISMATCHES: list[dict[str, Any]] = []
+
+
+def _matches(messages: list[dict[str, Any]], turns: list[Turn]) -> bool:
     users = [m["content"] for m in messages if m["role"] == "user"]
     if users != [t.user for t in turns]:
         return False
@@ -236,7 +251,7 @@ def main() -> None:
             "rss_start_mb": round(rss_start), "rss_end_mb": round(rss_end),
             "rss_growth_pct": round((rss_end - rss_start) / rss_start * 100, 1),
             "conversations": len(results), "conversations_as_seen": sum(checks),
-            "stream_errors": stats.errors[:5],
+            "stream_errors": stats.errors[:5], "mismatched_conversations": MISMATCHES,
         }  # fmt: skip
     finally:
         server.terminate()
@@ -244,6 +259,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     for key, value in report.items():
+        if key == "mismatched_conversations":
+            value = f"{len(value)} (both sides in {args.out})"
         print(f"{key:>26}: {value}")
     ok = server_errors == 0 and all(checks) and report["rss_growth_pct"] < 10  # type: ignore[operator]
     print("PASS" if ok else "FAIL")
