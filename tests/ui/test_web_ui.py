@@ -208,6 +208,7 @@ def tab(server: LiveServer, browser: Browser) -> Iterator[Tab]:
     tab.page.on("pageerror", lambda error: tab.errors.append(str(error)))
     tab.page.goto(server.url + "/")
     tab.page.locator("#message textarea").wait_for()
+    tab.page.locator("#chat").wait_for(state="attached")  # rendered apart from the textarea: observed below
     tab.page.evaluate(WATCH_REPLIES)
     yield tab
     tab.page.close()
