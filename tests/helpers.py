@@ -7,13 +7,20 @@ converters on the exact files a user would have. The bundled model is required: 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer as BPETokenizer
 from tokenizers import decoders, models, pre_tokenizers
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 TINY_VOCAB = 272  # 256 byte tokens + specials + room, a multiple of 16
 POSTGRES_URL = os.environ.get("MINI_CLAUDE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -119,3 +126,29 @@ def require_postgres() -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{problem} (CI=true: PostgreSQL tests must run)")
     pytest.skip(f"{problem}; start it or set MINI_CLAUDE_TEST_POSTGRES_URL (with CI=true this fails)")
+
+
+@contextlib.contextmanager
+def migrated_schema(url: str, prefix: str, search_path_after: str = "") -> Iterator[Engine]:
+    """An engine on a migrated, empty schema of its own on the PostgreSQL at `url`, dropped afterwards, so tests
+    sharing one server never see each other's rows. `search_path_after` follows it on the search path (the
+    pgvector tests need `public`, where the extension's types live)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from mini_claude.db import init_db, make_engine
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    search_path = f"{schema},{search_path_after}" if search_path_after else schema
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = make_engine(make_url(url).update_query_dict({"options": f"-csearch_path={search_path}"}))
+    try:
+        init_db(engine)
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()

@@ -3,15 +3,13 @@ on SQLite and on a real PostgreSQL (a schema of its own, dropped afterwards; see
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine
 
-from helpers import POSTGRES_URL, require_postgres
+from helpers import POSTGRES_URL, migrated_schema, require_postgres
 from mini_claude.db import init_db, make_engine
 from mini_claude.encoder import Encoder
 
@@ -24,25 +22,17 @@ def minilm() -> Encoder:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """A migrated, empty database of each backend."""
-    schema = None
     if request.param == "sqlite":
         engine = make_engine(f"sqlite:///{tmp_path / 'rag.sqlite'}")
-    else:
-        require_postgres()
-        schema = f"mc_rag_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-        engine = make_engine(make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"}))
-    init_db(engine)
-    try:
+        init_db(engine)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+        return
+    require_postgres()
+    with migrated_schema(POSTGRES_URL, "mc_rag") as engine:
         yield engine
-    finally:
-        engine.dispose()
-        if schema is not None:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            admin.dispose()
 
 
 CORPUS = {

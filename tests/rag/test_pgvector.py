@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from helpers import POSTGRES_URL, require_postgres
+from helpers import POSTGRES_URL, migrated_schema, require_postgres
 from mini_claude.db import init_db, make_engine, session_scope
 from mini_claude.encoder import Encoder
 from mini_claude.rag import pgvector, store
@@ -67,19 +66,8 @@ def pgvector_server() -> Iterator[str]:
 @pytest.fixture
 def pg_db(pgvector_server: str) -> Iterator[Engine]:
     """A migrated, empty schema of its own on the pgvector server (`public` after it, for the vector type)."""
-    schema = f"mc_pgv_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pgvector_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = make_engine(make_url(pgvector_server).update_query_dict({"options": f"-csearch_path={schema},public"}))
-    init_db(engine)
-    try:
+    with migrated_schema(pgvector_server, "mc_pgv", search_path_after="public") as engine:
         yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def dense_ids(knowledge: Knowledge, question: str, k: int = 3) -> list[int]:
