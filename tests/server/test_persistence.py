@@ -261,3 +261,34 @@ def test_a_retry_racing_its_abandoned_attempt_stores_one_reply(
         stored = count_messages(database_url, conversation_id)[-2:]
         assert stored == [("user", header), ("assistant", full["choices"][0]["message"]["content"])]
     assert [role for role, _ in count_messages(database_url, conversation_id)] == ["user", "assistant"] * 3
+
+
+def test_a_cut_off_reply_stays_before_the_next_question(
+    make_client: Callable[..., TestClient], database_url: str
+) -> None:
+    """A client leaves mid-reply and at once asks its next question; the server notices the disconnect only
+    after it stored that question. The cut-off reply is stored last but read back in its own turn's place."""
+    from mini_claude.server.generation import Job
+
+    client = make_client(database_url)
+    store = client.app.state.service.conversations  # type: ignore[attr-defined]
+    conversation_id = say(client, "start")["conversation_id"]
+    jobs = []
+    for n, question in enumerate(("second", "third")):
+        conversation, seq = store.store_turns(conversation_id, None, [{"role": "user", "content": question}],
+                                              f"turn-{n}", None, "tiny")  # fmt: skip
+        assert conversation == conversation_id
+        jobs.append(Job(f"chatcmpl-{n}", "tiny", [], [], [], 0, conversation_id=conversation_id,
+                        key=f"turn-{n}", reply_seq=seq))  # fmt: skip
+    store.store_reply(jobs[1], "the third reply", None)  # the next turn may even finish first
+    store.store_reply(jobs[0], "the sec", None)
+    assert count_messages(database_url, conversation_id)[2:] == [
+        ("user", "second"), ("assistant", "the sec"), ("user", "third"), ("assistant", "the third reply"),
+    ]  # fmt: skip
+    history = store.load_history(conversation_id, "turn-2")
+    assert [m["content"] for m in history.messages][2:] == ["second", "the sec", "third", "the third reply"]
+    assert say(client, "fourth", conversation_id)["conversation_id"] == conversation_id  # numbering goes on
+    assert [content for _, content in count_messages(database_url, conversation_id)][6] == "fourth"
+    db = client.app.state.service.db  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="not reserved"), session_scope(db) as s:
+        crud.add_message(s, conversation_id, "assistant", "from nowhere", seq=10_000)

@@ -158,6 +158,7 @@ def add_message(
     ttft_ms: float | None = None,
     duration_ms: float | None = None,
     finish_reason: str | None = None,
+    seq: int | None = None,
 ) -> Message:
     """Append a message to a conversation, exactly once per `idempotency_key`.
 
@@ -175,6 +176,9 @@ def add_message(
         ttft_ms: Time to first token.
         duration_ms: Total generation time.
         finish_reason: Why generation stopped ("stop", "length", ...).
+        seq: A position taken earlier with `reserve_seq`, for a message whose place in the conversation is
+            decided before its content exists (a reply is ordered after its question even when the client's
+            next question is stored first). By default the message goes at the end.
 
     Returns:
         The new message, or the one stored earlier under the same key.
@@ -191,15 +195,21 @@ def add_message(
     # A savepoint, so that finding the key already stored can undo the counter bump below.
     savepoint = session.begin_nested()
     try:
-        seq = session.scalar(
+        # Either way the update locks the conversation row, so concurrent stores to it run one at a time.
+        bumped = Conversation.last_seq + (1 if seq is None else 0)
+        last_seq = session.scalar(
             update(Conversation)
             .where(Conversation.id == conversation_id)
-            .values(last_seq=Conversation.last_seq + 1, updated_at=now)
+            .values(last_seq=bumped, updated_at=now)
             .returning(Conversation.last_seq)
             .execution_options(synchronize_session=False)
         )
-        if seq is None:
+        if last_seq is None:
             raise NotFoundError(f"conversation {conversation_id!r} does not exist")
+        if seq is None:
+            seq = last_seq
+        elif not 0 < seq <= last_seq:
+            raise ValueError(f"seq {seq} was not reserved in conversation {conversation_id!r}")
         stored = None if idempotency_key is None else get_message_by_key(session, conversation_id, idempotency_key)
         replay_id = None if stored is None else stored.id
         if replay_id is None:
@@ -232,8 +242,26 @@ def add_message(
             raise RuntimeError(f"message {replay_id!r} vanished while replaying key {idempotency_key!r}")
         return replayed
     savepoint.commit()
-    _sync_cached(session, conversation_id, last_seq=seq, updated_at=now)
+    _sync_cached(session, conversation_id, last_seq=last_seq, updated_at=now)
     return message
+
+
+def reserve_seq(session: Session, conversation_id: str) -> int:
+    """Take the conversation's next position for a message stored later with `add_message(seq=...)`.
+
+    A position that is never used leaves a gap, which orders nothing wrongly: `seq` only sorts.
+    """
+    seq = session.scalar(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(last_seq=Conversation.last_seq + 1)
+        .returning(Conversation.last_seq)
+        .execution_options(synchronize_session=False)
+    )
+    if seq is None:
+        raise NotFoundError(f"conversation {conversation_id!r} does not exist")
+    _sync_cached(session, conversation_id, last_seq=seq)
+    return seq
 
 
 def get_message_by_key(session: Session, conversation_id: str, idempotency_key: str) -> Message | None:

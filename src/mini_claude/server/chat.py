@@ -352,7 +352,7 @@ class ChatCompletions:
         if history is not None and history.replay is not None:  # a retry of a request that finished
             job.conversation_id, job.replay, job.prompts, job.params = req.conversation_id, history.replay, [], []
         elif req.store is not False:
-            job.conversation_id = await self.service.db_call(
+            job.conversation_id, job.reply_seq = await self.service.db_call(
                 self.service.conversations.store_turns, req.conversation_id, context.system, context.turns,
                 job.key, req.user, job.model,
             )  # fmt: skip

@@ -106,8 +106,13 @@ class ConversationStore:
     def store_turns(
         self, conversation_id: str | None, system: str | None, turns: list[dict[str, str]], key: str,
         user: str | None, model: str,
-    ) -> str:  # fmt: skip
-        """Store the request's new messages (creating the conversation if needed) in one transaction."""
+    ) -> tuple[str, int]:  # fmt: skip
+        """Store the request's new messages (creating the conversation if needed) and reserve the reply's place,
+        in one transaction: the conversation id and the reply's `seq`.
+
+        The place is taken now because the reply is stored only when it ends: a client that leaves mid-reply
+        and at once sends its next message would otherwise find its cut-off reply ordered after that message.
+        """
         with session_scope(self.service.db) as s:  # type: ignore[arg-type]
             if conversation_id is None:
                 meta = {"user": db_text(user)} if user else {}
@@ -128,7 +133,7 @@ class ConversationStore:
                 crud.add_message(
                     s, conversation.id, turn["role"], db_text(turn["content"]), idempotency_key=f"{key}:{i}"
                 )
-            return conversation.id
+            return conversation.id, crud.reserve_seq(s, conversation.id)
 
     def store_reply(self, job: Job, text: str, completion: Completion | None) -> None:
         """Store a finished reply, or the partial reply of a cancelled one; a request's reply lands once.
@@ -136,8 +141,9 @@ class ConversationStore:
         A retried request (same idempotency key) may race its abandoned first attempt: the client timed out
         and retried while the first attempt still ran, and the first attempt's partial reply is stored when
         the server notices the disconnect - before or after the retry's full reply. Either way only the full
-        reply stays. `add_message` first locks the conversation row, so the two stores run one after the other
-        and each sees what the other committed.
+        reply stays. Each attempt stores its reply at the place its own `store_turns` reserved. `add_message`
+        first locks the conversation row, so the two stores run one after the other and each sees what the
+        other committed.
         """
         reply_key, partial_key = f"{job.key}:reply", f"{job.key}:partial"
         with session_scope(self.service.db) as s:  # type: ignore[arg-type]
@@ -148,7 +154,7 @@ class ConversationStore:
                     model=job.model, prompt_tokens=job.prompt_tokens,
                     completion_tokens=completion.completion_tokens if completion else None,
                     ttft_ms=completion.ttft_ms if completion else None,
-                    finish_reason=completion.finish_reason if completion else "cancelled",
+                    finish_reason=completion.finish_reason if completion else "cancelled", seq=job.reply_seq,
                 )  # fmt: skip
             except crud.NotFoundError:  # the conversation was deleted while we generated: nothing to add to
                 log.info("conversation %s was deleted before its reply was stored", job.conversation_id)

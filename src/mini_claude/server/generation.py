@@ -60,6 +60,7 @@ class Job:
     created: int = field(default_factory=now)
     conversation_id: str | None = None
     key: str | None = None  # idempotency key of this request's messages: `{key}:{i}`, `{key}:reply`
+    reply_seq: int | None = None  # the reply's place in the conversation, reserved with its question
     replay: Completion | None = None  # the reply stored by an earlier attempt of this same request
     adapter: str | None = None  # the LoRA adapter the model id names; None for the base model
     cache_key: Hashable | None = None  # set when the answer, once finished, goes into the response cache
