@@ -62,7 +62,7 @@ SPEED_PROMPT = "Write a short poem about the ocean."
 
 def texts(chars: int) -> dict[str, str]:
     """name -> text; a text whose source is missing is skipped with the reason printed."""
-    from mini_claude.train.data import shakespeare_texts
+    from mini_claude.train.corpora import shakespeare_texts
 
     out = {"hamlet": shakespeare_texts(["hamlet"])["hamlet"][:chars]}
     if TUTORIAL.is_dir():

