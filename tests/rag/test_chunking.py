@@ -71,3 +71,19 @@ def test_pages_come_from_the_span(minilm: Encoder) -> None:
     chunks = chunk_document(doc, minilm.tokenizer, ChunkingConfig(max_tokens=100, overlap=0))
     assert {c.page for c in chunks if "Alpha" in c.text[:10]} == {1}
     assert {c.page for c in chunks if c.text.startswith("Beta")} == {2}
+
+
+def test_rst_chunks_are_embedded_with_their_heading_path_and_without_markup(minilm: Encoder) -> None:
+    rst = (
+        ":mod:`random` --- Random numbers\n================================\n\nIntro.\n\n"
+        "Sequences\n---------\n\n.. function:: shuffle(x)\n\n   Shuffle the sequence *x* in place; see "
+        ":func:`sample` and :class:`~random.Random`, or ``x[:]`` for a copy.\n"
+    )
+    chunks = chunk_document(Document(rst, "rst"), minilm.tokenizer)
+    last = chunks[-1]
+    assert last.heading == ":mod:`random` --- Random numbers > Sequences"  # what a citation shows: as written
+    assert last.embed_text.startswith("random --- Random numbers > Sequences\n")  # what the encoder sees
+    assert "shuffle(x)" in last.embed_text and ".. function::" not in last.embed_text
+    assert "see sample and random.Random, or x[:] for a copy" in last.embed_text
+    assert "---------" not in last.embed_text
+    assert all(minilm.count_tokens(c.embed_text) == c.n_tokens for c in chunks)

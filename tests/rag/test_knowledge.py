@@ -11,6 +11,7 @@ from sqlalchemy import Engine, text
 from mini_claude.db import session_scope
 from mini_claude.encoder import Encoder
 from mini_claude.rag import store
+from mini_claude.rag.chunking import EMBED_RECIPE
 from mini_claude.rag.index import HNSWIndex
 from mini_claude.rag.knowledge import Knowledge
 
@@ -55,6 +56,21 @@ def test_ingest_is_idempotent_and_reports_changes(db: Engine, minilm: Encoder, c
     assert knowledge.search("tomatoes garlic", "docs", 3, "keyword") == []
     assert knowledge.search("split peas", "docs", 3, "keyword")[0].filename == "soup.txt"
     assert knowledge.search("refracting telescope lens", "docs", 3, "keyword") == []
+
+
+def test_documents_embedded_with_an_older_recipe_are_embedded_again(db: Engine, minilm: Encoder, corpus: Path) -> None:
+    knowledge = Knowledge(db, minilm)
+    knowledge.ingest([corpus], "docs")
+    with session_scope(db) as session:
+        coll = store.get_collection(session, "docs")
+        assert coll is not None
+        docs = store.list_documents(session, coll.id)
+        assert {d.meta["embed_recipe"] for d in docs} == {EMBED_RECIPE}
+        docs[0].meta = {}  # as stored before recipes were recorded (recipe 1)
+        old = docs[0].source
+    again = knowledge.ingest([corpus], "docs")
+    assert again.updated == [old] and len(again.skipped) == len(docs) - 1
+    assert knowledge.ingest([corpus], "docs").counts()["skipped"] == len(docs)
 
 
 @pytest.mark.parametrize("mode", ["keyword", "dense", "hybrid"])

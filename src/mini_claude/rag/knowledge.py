@@ -3,9 +3,11 @@
 Design choices:
 - Idempotent by content hash (LangChain's indexing API, LlamaIndex's docstore strategies): a file is keyed by
   its resolved path within a collection; the sha256 of its bytes decides whether it is skipped (unchanged),
-  replaced (changed) or added (new). Files that were ingested from a folder named again and are gone from it
-  now are deleted. The outcome is an `IngestReport` {added, updated, deleted, skipped}, plus the files that
-  could not be read, each with a one-line reason; an unreadable file never stops the rest.
+  replaced (changed) or added (new). A document embedded with another `chunking.EMBED_RECIPE` than today's
+  counts as changed, so a new embedding recipe reaches stores made before it. Files that were ingested from a
+  folder named again and are gone from it now are deleted. The outcome is an `IngestReport` {added, updated,
+  deleted, skipped}, plus the files that could not be read, each with a one-line reason; an unreadable file
+  never stops the rest.
 - Embedding dominates ingestion, so chunks of many files are embedded together (batches sorted by length,
   `Encoder.embed`) and written per file, each file in one transaction.
 - The dense index of a collection lives in memory and is brought in step with the database when the
@@ -36,7 +38,7 @@ from mini_claude.db import session_scope
 from mini_claude.db.models import KnowledgeCollection
 from mini_claude.encoder import Encoder, Precision
 from mini_claude.rag import pgvector, store
-from mini_claude.rag.chunking import Chunk, ChunkingConfig, chunk_document
+from mini_claude.rag.chunking import EMBED_RECIPE, Chunk, ChunkingConfig, chunk_document
 from mini_claude.rag.index import ExactIndex, HNSWIndex
 from mini_claude.rag.readers import UnreadableFileError, iter_files, read, supported
 from mini_claude.rag.retrieve import MODES, RRF_K, Hit, rrf, single
@@ -123,7 +125,8 @@ class Knowledge:
         report = IngestReport()
         with session_scope(self.db) as session:
             coll = store.ensure_collection(session, collection, encoder.name, encoder.dim)
-            known = {d.source: d.content_hash for d in store.list_documents(session, coll.id)}
+            known = {d.source: (d.content_hash, d.meta.get("embed_recipe", 1)) for d in
+                     store.list_documents(session, coll.id)}  # fmt: skip
         pending: list[_Pending] = []
         seen: set[str] = set()
         bar = tqdm(files, desc=f"ingest {collection}", unit="file", disable=not progress, file=sys.stderr)
@@ -147,7 +150,7 @@ class Knowledge:
                 fail(exc.strerror or str(exc))
                 continue
             digest = hashlib.sha256(data).hexdigest()
-            if known.get(source) == digest:
+            if known.get(source) == (digest, EMBED_RECIPE):  # same bytes, embedded the same way
                 report.skipped.append(source)
                 continue
             try:

@@ -5,31 +5,24 @@ Design choices:
   chunks (delete the old, insert the new, update its hash) commits or rolls back as one.
 - Vectors live beside their chunk as float32 bytes, so a chunk, its text and its vector are deleted together
   and the dense index (`index.py`) can always be brought back in step from the database.
-- Keyword search is the database's own, maintained by it as rows change (`db.models.KEYWORD_INDEX_DDL`):
-  SQLite FTS5 with its BM25 (heading words count double), PostgreSQL full text with `ts_rank_cd` over the GIN
-  index. Questions are turned into an OR of their words without stop words: BM25 then rewards chunks that
-  hold more (and rarer) of them, where an AND would find nothing for most natural-language questions.
+- Keyword search is the database's own, maintained by it as rows change (`db.models.KEYWORD_INDEX_DDL`);
+  the query side (stop words, rare words first, rescoring) is `rag.keyword`.
 - Each change to a collection's documents bumps its `updated_at`, which is what an in-memory dense index
   compares to know it is stale.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from mini_claude.db.models import KnowledgeChunk, KnowledgeCollection, KnowledgeDocument, utcnow
-from mini_claude.rag.chunking import Chunk
-
-# Words too common to help a keyword match (a short English list: BM25's IDF handles the rest).
-_STOP = "a an and are as at be by can do does for from how i if in into is it its of on or so that the their then there"
-STOP_WORDS = frozenset((_STOP + " these this to was what when where which who why will with you your").split(" "))
-MAX_QUERY_WORDS = 32
+from mini_claude.rag import keyword
+from mini_claude.rag.chunking import EMBED_RECIPE, Chunk
 
 
 class CollectionError(ValueError):
@@ -135,6 +128,7 @@ def put_document(
     else:
         session.execute(delete(KnowledgeChunk).where(KnowledgeChunk.document_id == document.id))
     document.filename, document.content_hash, document.size_bytes = filename, content_hash, size_bytes
+    document.meta = {**(document.meta or {}), "embed_recipe": EMBED_RECIPE}  # what re-ingestion compares
     document.n_chunks, document.status, document.error, document.updated_at = len(chunks), "completed", None, now
     session.flush()
     vectors = np.ascontiguousarray(vectors, dtype="<f4")
@@ -226,37 +220,9 @@ def get_chunks(session: Session, ids: list[int]) -> dict[int, ChunkRecord]:
     return {row[0]: ChunkRecord(*row) for row in session.execute(query)}
 
 
-def query_words(query: str) -> list[str]:
-    words = [w for w in re.findall(r"\w+", query.lower()) if w not in STOP_WORDS]
-    return list(dict.fromkeys(words))[:MAX_QUERY_WORDS]
-
-
 def keyword_search(session: Session, collection_id: str, query: str, k: int) -> list[tuple[int, float]]:
-    """The k chunks that best match the query's words, as (chunk id, score), best first (higher is better)."""
-    words = query_words(query)
-    if not words:
-        return []
-    if session.get_bind().dialect.name == "sqlite":
-        match = " OR ".join(f'"{w}"' for w in words)
-        rows = session.execute(
-            text(
-                "SELECT c.id, bm25(rag_chunks_fts, 2.0, 1.0) AS score FROM rag_chunks_fts "
-                "JOIN rag_chunks c ON c.id = rag_chunks_fts.rowid "
-                "WHERE rag_chunks_fts MATCH :match AND c.collection_id = :cid ORDER BY score LIMIT :k"
-            ),
-            {"match": match, "cid": collection_id, "k": k},
-        ).all()
-        return [(int(i), -float(s)) for i, s in rows]  # FTS5's bm25() is lower-is-better
-    rows = session.execute(
-        text(
-            "SELECT id, ts_rank_cd(to_tsvector('english', heading || ' ' || text), q) AS score "
-            "FROM rag_chunks, websearch_to_tsquery('english', :words) AS q "
-            "WHERE collection_id = :cid AND to_tsvector('english', heading || ' ' || text) @@ q "
-            "ORDER BY score DESC, id LIMIT :k"
-        ),
-        {"words": " or ".join(words), "cid": collection_id, "k": k},
-    ).all()
-    return [(int(i), float(s)) for i, s in rows]
+    """The k chunks that best match the query's words, as (chunk id, score), best first (`rag.keyword`)."""
+    return keyword.search(session, collection_id, query, k)
 
 
 def count_chunks(session: Session, collection_id: str) -> int:
