@@ -148,7 +148,8 @@ class VectorStoreService:
                 self._get(session, vs_id)
                 doc = store.mark_document(session, vs_id, row.id, row.filename, "in_progress")
                 doc.size_bytes = row.size_bytes
-                doc.meta = {"attributes": dict(req.attributes or {})}
+                # Other keys (the embedding recipe the chunks were made with) belong to ingestion: kept.
+                doc.meta = {**(doc.meta or {}), "attributes": dict(req.attributes or {})}
                 session.flush()
                 return self._file_object(doc)
 
