@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from mini_claude import encoder as encoder_module
-from mini_claude.encoder import BertEncoder, Encoder, EncoderConfig, convert_hf_state_dict, model_dir
+from mini_claude.encoder import (
+    BertEncoder,
+    Encoder,
+    EncoderConfig,
+    convert_hf_state_dict,
+    model_dir,
+    with_bf16_linears,
+)
 
 pytestmark = pytest.mark.one_thread
 TEXTS = [
@@ -90,6 +97,25 @@ def test_written_out_attention_agrees_with_sdpa() -> None:
     weights = ours.layers[0].self_attn.last_weights  # (B, nh, T, T): padding keys get no weight
     assert weights is not None and float(weights[1, :, :, 4:].abs().max()) == 0.0
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 9))
+
+
+def test_bf16_linears_compute_what_autocast_computes_from_float32() -> None:
+    """The bf16 path's copy with bf16 linear weights (cast once) against autocast casting the float32 weights on
+    each call: the same rounding of the same weights into the same kernels, so equal, on any x86-64 CPU (bf16
+    emulated where it is not native). The float32 model is left as it was: the reference stays one switch away."""
+    hf, config = tiny_hf_bert(seed=2)
+    ours = ours_from(hf, config)
+    fast = with_bf16_linears(ours)
+    assert ours.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert fast.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert fast.embed_tokens.weight.data_ptr() == ours.embed_tokens.weight.data_ptr()  # shared, not copied
+    ids = torch.randint(1, 64, (3, 13))
+    mask = torch.ones(3, 13, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ours.sentence_embedding(ids, mask)
+        got = fast.sentence_embedding(ids, mask)
+    assert torch.equal(got, expected)
 
 
 def test_embeddings_equal_sentence_transformers(minilm: Encoder, sentence_transformer) -> None:  # type: ignore[no-untyped-def]
