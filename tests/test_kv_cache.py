@@ -245,3 +245,60 @@ def test_a_prompt_longer_than_a_chunk_alone(model: Transformer) -> None:
     gen = BatchGenerator(model, prefill_chunk=16)
     seq = gen.new_sequence(prompt(70, 60), GREEDY)
     assert run(gen, [seq])[0] == alone(model, seq.prompt_ids)
+
+
+@torch.inference_mode()
+def test_short_prompt_chunks_go_through_the_decode_kernels_and_match_the_module_path(
+    model: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward of decode rows plus short prompt chunks runs on the decode kernels (each prompt token a query of
+    its own); its logits equal those of the module path (SDPA per chunk), which longer chunks still take."""
+    from mini_claude import model as model_module
+
+    if model_module.fast_ops() is None:
+        pytest.skip("the C++ kernels are not built")
+    calls: list[int] = []
+    real = Transformer._decode_step
+
+    def counted(self, x, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(x.shape[0])
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "_decode_step", counted)
+
+    def mixed_step_logits() -> torch.Tensor:
+        gen = BatchGenerator(model, n_slots=5)
+        running = [gen.new_sequence(prompt(n, 60 + n), GREEDY) for n in (6, 11)]
+        assert len(gen.add(running)) == 2
+        new = [gen.new_sequence(prompt(n, 70 + n), GREEDY) for n in (5, 9, 3)]
+        gen.admit(new)
+        rows: list[torch.Tensor] = []
+        accept = gen._accept
+        gen._accept = lambda seq, raw: (rows.append(raw.clone()), accept(seq, raw))[1]  # type: ignore[method-assign]
+        events = gen.step()
+        assert [e.seq for e in events] == [*running, *new]  # every prompt prefilled in this one step
+        return torch.stack(rows)
+
+    calls.clear()
+    fast = mixed_step_logits()
+    assert 2 + 5 + 9 + 3 in calls  # the mixed step: 2 decode rows and 17 prompt rows in one kernel call
+    monkeypatch.setattr(model_module, "DECODE_KERNEL_PROMPT_KEYS", 0)
+    calls.clear()
+    slow = mixed_step_logits()
+    assert 19 not in calls  # over the limit: the module path
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    assert (fast.argmax(-1) == slow.argmax(-1)).all()
+
+
+def test_requests_admitted_together_are_prefilled_in_one_step_with_the_tokens_of_each_alone(
+    model: Transformer,
+) -> None:
+    prompts = [prompt(n, 80 + n) for n in (7, 12, 4, 9, 15, 2, 10, 5)]
+    gen = BatchGenerator(model, n_slots=8)
+    seqs = [gen.new_sequence(p, GREEDY) for p in prompts]
+    gen.admit(seqs)
+    first = gen.step()
+    assert sorted(id(e.seq) for e in first) == sorted(id(s) for s in seqs)  # all eight got their first token
+    while gen.running:
+        gen.step()
+    assert [s.output_ids for s in seqs] == [alone(model, p) for p in prompts]

@@ -19,8 +19,9 @@ This is the network that answers in `mini-claude chat`, not a simplified copy of
 - Norms compute in float32 and cast back, as the reference implementations do, so bf16 weights stay stable.
 - The fast path (inference, our C++ kernels built: `kernels/`) runs the same modules with fewer, fatter ops:
   one fused matmul for q/k/v and one for gate/up when the weights are quantized (`quantize.fuse_projections`),
-  RMSNorm and silu(gate)*up as one call each, and, for decode (one new token per sequence), RoPE plus the
-  cache write as one call and `decode_attention`, which reads a sequence's keys through its block table.
+  RMSNorm and silu(gate)*up as one call each, and, for decode (one new token per sequence, and short prompt
+  chunks mixed into the same step, each prompt token a row), RoPE plus the cache write as one call and
+  `decode_attention`, which reads a sequence's keys through its block table.
   Each of those kernels is tested against the PyTorch code it replaces, which stays here and runs whenever
   autograd is on or the kernels are missing.
 """
@@ -41,11 +42,32 @@ from mini_claude.config import ModelConfig
 FAST_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels compute on
 
 
-def _one_row_each(slots: Tensor | None) -> bool:
-    """Whether every row is a different sequence: a decode step. Rows sharing a slot are a prompt chunk (the
-    generator's one-token-per-row layout), which the cache attends over with SDPA, far cheaper than a
-    single-query kernel run once per prompt token."""
-    return slots is None or slots.numel() < 2 or int(slots.unique().numel()) == slots.numel()
+# Keys that a forward's prompt rows may read through the decode kernels (see `_decode_kernels_fit`): ~128
+# prompt tokens from position 0, or 16 after 1,000 positions of context.
+DECODE_KERNEL_PROMPT_KEYS = 16_384
+
+
+def _decode_kernels_fit(positions: Tensor, slots: Tensor | None) -> bool:
+    """Whether a one-token-per-row forward (B, 1) runs through the decode kernels (and the decode stack).
+
+    Every row its own sequence is a decode step. Rows sharing a slot are a prompt chunk (the generator's layout):
+    through the kernels each prompt token is a query of its own over its sequence's keys up to its position
+    (written by the same call before any row attends), which is exact causal attention. That costs O(T^2) work
+    in a single-query kernel, so a long chunk goes to the module path, where the cache attends over each chunk
+    with one SDPA call; a short one (a chat's new turn after its cached prefix, several arrivals together) is
+    far cheaper in one call than through ~30 nn.Module calls and an SDPA call per chunk per block, and keeps
+    the running sequences' decode rows on the stack.
+    """
+    if slots is None or slots.numel() < 2:
+        return True
+    rows = slots.tolist()
+    counts: dict[int, int] = {}
+    for slot in rows:
+        counts[slot] = counts.get(slot, 0) + 1
+    if len(counts) == len(rows):
+        return True
+    keys = sum(p + 1 for slot, p in zip(rows, positions[:, 0].tolist(), strict=True) if counts[slot] > 1)
+    return keys <= DECODE_KERNEL_PROMPT_KEYS
 
 
 def fast_ops() -> ModuleType | None:
@@ -473,7 +495,13 @@ class Transformer(nn.Module):
             if self.config.max_seq_len < T or int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"{T} tokens exceed the context window of {self.config.max_seq_len}")
         x = self.embed_tokens(idx)  # (B, T, dim)
-        if T == 1 and cache is not None and x.dtype in FAST_DTYPES and fast_ops() is not None and _one_row_each(slots):
+        if (
+            T == 1
+            and cache is not None
+            and x.dtype in FAST_DTYPES
+            and fast_ops() is not None
+            and _decode_kernels_fit(positions, slots)
+        ):
             return self._decode_step(x, positions, cache, slots, logits_rows)
         is_causal, mask = False, None  # a paged cache masks each sequence itself
         if not getattr(cache, "paged", False):
