@@ -161,3 +161,17 @@ def test_the_prefix_cache_budget_is_memory_by_default(engine: Engine) -> None:
     finally:
         by_memory.close()
         by_tokens.close()
+
+
+def test_a_busy_loop_still_gives_the_heap_back(engine: Engine) -> None:
+    """A server under constant load never goes idle; it must return freed heap all the same."""
+    busy = Scheduler(engine, max_batch=2, trim_seconds=0.0)  # every step
+    never = Scheduler(engine, max_batch=2, trim_seconds=1e9)  # only when idle
+    for scheduler in (busy, never):
+        handles = [scheduler.submit(engine.encode_text(p), SamplingParams(temperature=0, max_new_tokens=12))
+                   for p in PROMPTS[:2]]  # fmt: skip
+        for handle in handles:
+            "".join(chunk.text for chunk in handle)
+        scheduler.close()
+    assert busy.stats.steps >= 12 and busy.stats.heap_trims >= busy.stats.steps
+    assert never.stats.heap_trims <= 2  # before the first request and after the last, never in between

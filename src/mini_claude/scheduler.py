@@ -38,6 +38,7 @@ from mini_claude.kv_cache import CacheStats, kv_bytes_per_token
 log = logging.getLogger(__name__)
 
 _DONE = object()
+TRIM_SECONDS = 10.0  # while busy, the heap's free pages go back this often (see Scheduler)
 
 
 class RequestHandle:
@@ -129,15 +130,24 @@ class SchedulerStats:
     kv_bytes: int = 0  # KV-cache memory resident now (blocks in use, cached or warm)
     kv_used_bytes: int = 0  # of which, blocks that running sequences hold
     kv_cached_bytes: int = 0  # of which, blocks kept only for the prefix cache
+    heap_trims: int = 0  # times the loop gave the heap's free pages back (idle, or busy for `trim_seconds`)
 
 
 class Scheduler:
     def __init__(
-        self, engine: Engine, max_batch: int = 8, prefix_cache_tokens: int | None = None, prefix_cache_mb: float = 64.0
-    ) -> None:
+        self, engine: Engine, max_batch: int = 8, prefix_cache_tokens: int | None = None, prefix_cache_mb: float = 64.0,
+        trim_seconds: float = TRIM_SECONDS,
+    ) -> None:  # fmt: skip
         """The prefix cache holds `prefix_cache_tokens` positions, or by default what `prefix_cache_mb` MiB
         hold: a budget in bytes keeps memory the same whatever the model's dtype and shape (a float32 cache
-        costs twice a bfloat16 one per token)."""
+        costs twice a bfloat16 one per token).
+
+        The heap's free pages go back to the system when the loop goes idle, and also every `trim_seconds`
+        while it stays busy: a server under constant load is never idle, and the prefills of ever new prompt
+        lengths would otherwise leave it holding hundreds of MB of freed heap (the soak benchmark measured it).
+        A trim takes up to tens of ms on a large fragmented heap (23 ms measured on ~0.4 GB): every 10 s, it
+        costs under 0.3% of the time."""
+        self.trim_seconds = trim_seconds
         self.engine = engine
         self.max_batch = max_batch
         if prefix_cache_tokens is None:
@@ -227,11 +237,13 @@ class Scheduler:
         torch.set_num_threads(self._threads)
         gen = self._generator()
         active: dict[int, tuple[SequenceState, RequestHandle, TextAssembler]] = {}
-        trimmed = True
+        trimmed, last_trim = True, time.monotonic()
         while True:
-            if not gen.running and not trimmed:  # idle: what the last requests' temporaries held goes back
+            busy_too_long = gen.running and time.monotonic() - last_trim >= self.trim_seconds
+            if (not gen.running and not trimmed) or busy_too_long:  # what finished requests' temporaries held
                 release_heap()
-                trimmed = True
+                trimmed, last_trim = True, time.monotonic()
+                self.stats.heap_trims += 1
             with self._wake:
                 while not self._closed and not self._pending and not self._calls and not gen.running:
                     self._wake.wait()
