@@ -196,16 +196,7 @@ def add_message(
     savepoint = session.begin_nested()
     try:
         # Either way the update locks the conversation row, so concurrent stores to it run one at a time.
-        bumped = Conversation.last_seq + (1 if seq is None else 0)
-        last_seq = session.scalar(
-            update(Conversation)
-            .where(Conversation.id == conversation_id)
-            .values(last_seq=bumped, updated_at=now)
-            .returning(Conversation.last_seq)
-            .execution_options(synchronize_session=False)
-        )
-        if last_seq is None:
-            raise NotFoundError(f"conversation {conversation_id!r} does not exist")
+        last_seq = _advance_last_seq(session, conversation_id, 1 if seq is None else 0, updated_at=now)
         if seq is None:
             seq = last_seq
         elif not 0 < seq <= last_seq:
@@ -251,17 +242,24 @@ def reserve_seq(session: Session, conversation_id: str) -> int:
 
     A position that is never used leaves a gap, which orders nothing wrongly: `seq` only sorts.
     """
-    seq = session.scalar(
+    seq = _advance_last_seq(session, conversation_id, 1)
+    _sync_cached(session, conversation_id, last_seq=seq)
+    return seq
+
+
+def _advance_last_seq(session: Session, conversation_id: str, step: int, **values: Any) -> int:
+    """Add `step` to the conversation's `last_seq` (setting `values` too) and return it; the UPDATE locks the
+    row until the transaction ends."""
+    last_seq = session.scalar(
         update(Conversation)
         .where(Conversation.id == conversation_id)
-        .values(last_seq=Conversation.last_seq + 1)
+        .values(last_seq=Conversation.last_seq + step, **values)
         .returning(Conversation.last_seq)
         .execution_options(synchronize_session=False)
     )
-    if seq is None:
+    if last_seq is None:
         raise NotFoundError(f"conversation {conversation_id!r} does not exist")
-    _sync_cached(session, conversation_id, last_seq=seq)
-    return seq
+    return last_seq
 
 
 def get_message_by_key(session: Session, conversation_id: str, idempotency_key: str) -> Message | None:
