@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from types import ModuleType
 
 import torch
@@ -61,9 +62,7 @@ def _decode_kernels_fit(positions: Tensor, slots: Tensor | None) -> bool:
     if slots is None or slots.numel() < 2:
         return True
     rows = slots.tolist()
-    counts: dict[int, int] = {}
-    for slot in rows:
-        counts[slot] = counts.get(slot, 0) + 1
+    counts = Counter(rows)
     if len(counts) == len(rows):
         return True
     keys = sum(p + 1 for slot, p in zip(rows, positions[:, 0].tolist(), strict=True) if counts[slot] > 1)
