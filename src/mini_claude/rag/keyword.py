@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -66,6 +67,20 @@ def by_rarity(words: list[str], df: dict[str, int], cap: int) -> tuple[list[str]
     return found, max(sum(1 for w in found if df[w] <= cap), min(len(found), 1))
 
 
+def candidates(
+    found: list[str], n_chosen: int, k: int, top: Callable[[list[str], int], list[Any]]
+) -> tuple[list[Any], list[str], list[str]]:
+    """The candidate rows that `top(words, depth)` ranks for the `n_chosen` rarest of `found`, with the words
+    that chose them and the rest; when those find too few, the next rarest word joins them (both databases)."""
+    while True:
+        chosen, rest = found[:n_chosen], found[n_chosen:]
+        depth = max(RESCORE_CANDIDATES, 2 * k) if rest else k
+        rows = top(chosen, depth)
+        if len(rows) >= depth or not rest:
+            return rows, chosen, rest
+        n_chosen += 1
+
+
 # ------------------------------------------------------------------------------------------------- SQLite FTS5
 
 _FTS5_COUNT = text("SELECT count(*) FROM (SELECT 1 FROM rag_chunks_fts WHERE rag_chunks_fts MATCH :phrase LIMIT :cap)")
@@ -100,13 +115,9 @@ def _fts5_search(session: Session, collection_id: str, words: list[str], k: int)
     found, n_chosen = by_rarity(words, df, cap)
     if not found:
         return []
-    while True:  # when the rare words find too few candidates, the next rarest word joins them
-        chosen, rest = found[:n_chosen], found[n_chosen:]
-        depth = max(RESCORE_CANDIDATES, 2 * k) if rest else k
-        rows = _fts5_top(session, collection_id, chosen, depth, n_rows)
-        if len(rows) >= depth or not rest:
-            break
-        n_chosen += 1
+    rows, chosen, rest = candidates(
+        found, n_chosen, k, lambda chosen, depth: _fts5_top(session, collection_id, chosen, depth, n_rows)
+    )
     if not rest:
         return [(int(i), -float(s)) for i, s in rows]  # FTS5's bm25() is lower-is-better
     scores = fts5_bm25(session, [int(i) for i, _ in rows], chosen + rest, df, n_rows, n_tokens)
@@ -245,14 +256,12 @@ def _tsvector_search(session: Session, collection_id: str, words: list[str], k: 
     cap = max(int(MAX_DF * (n or 0)), MIN_DF_CAP)
     df = {w: session.scalar(_PG_COUNT, {"cid": collection_id, "word": w, "cap": cap + 1}) or 0 for w in words}
     found, n_chosen = by_rarity(words, df, cap)
-    rows: list[Any] = []
-    while found:  # as on SQLite: the next rarest word joins when the rare ones find too few candidates
-        chosen, rest = found[:n_chosen], found[n_chosen:]
-        depth = max(RESCORE_CANDIDATES, 2 * k) if rest else k
+    if not found:
+        return []
+
+    def top(chosen: list[str], depth: int) -> list[Any]:
         params = {"match": " or ".join(chosen), "words": " or ".join(found), "cid": collection_id}
-        rows = session.execute(_PG_TOP, params | {"depth": depth, "k": depth}).all()
-        if len(rows) >= depth or not rest:
-            break
-        n_chosen += 1
-    rows = rows[:k]
-    return [(int(i), float(s)) for i, s in rows]
+        return session.execute(_PG_TOP, params | {"depth": depth, "k": depth}).all()
+
+    rows, _, _ = candidates(found, n_chosen, k, top)
+    return [(int(i), float(s)) for i, s in rows[:k]]
