@@ -175,3 +175,21 @@ def test_a_busy_loop_still_gives_the_heap_back(engine: Engine) -> None:
         scheduler.close()
     assert busy.stats.steps >= 12 and busy.stats.heap_trims >= busy.stats.steps
     assert never.stats.heap_trims <= 2  # before the first request and after the last, never in between
+
+
+def test_an_idle_loop_gathers_a_burst_into_one_first_step(engine: Engine) -> None:
+    """Clients that arrive together share their prefill step instead of the later ones waiting for the first's."""
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    runs: dict[float, tuple[list[str], dict[int, int]]] = {}
+    for gap in (0.0, 0.2):
+        scheduler = Scheduler(engine, max_batch=8, gather_gap=gap, gather_max=2.0)
+        handles = []
+        for prompt in PROMPTS[:4]:
+            handles.append(scheduler.submit(engine.encode_text(prompt), params))
+            time.sleep(0.03)  # a burst as a server's event loop hands it over, a few ms apart
+        texts = ["".join(chunk.text for chunk in handle) for handle in handles]
+        scheduler.close()
+        runs[gap] = (texts, dict(scheduler.stats.batch_sizes))
+    assert runs[0.2][0] == runs[0.0][0] == [alone(engine, p, params) for p in PROMPTS[:4]]
+    assert set(runs[0.2][1]) == {4}, "every step should have run all four"
+    assert 1 in runs[0.0][1], "without gathering the first request starts alone"
