@@ -117,6 +117,32 @@ def test_int4_layer_is_one_model_on_its_dense_and_kernel_paths() -> None:
     torch.testing.assert_close(dense, kernel, rtol=2e-2, atol=2e-2)  # bf16 activations; bf16 scales in the kernel
 
 
+def test_quantizing_frees_each_dense_layer_as_it_goes() -> None:
+    """A load's peak memory is the model once, not twice: a replaced `nn.Linear` (and its dense weight) is
+    gone before the next layer is quantized, so dense and low-bit weights never all coexist."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)])
+    originals = [weakref.ref(m) for m in model]
+    alive_at_each_layer = []
+    build = Q.Int4Linear.from_linear
+
+    def counting(linear: nn.Linear, *args: object, **kwargs: object) -> Q.Int4Linear:
+        gc.collect()
+        alive_at_each_layer.append(sum(ref() is not None for ref in originals))
+        return build(linear, *args, **kwargs)
+
+    Q.Int4Linear.from_linear = counting  # type: ignore[method-assign]
+    try:
+        Q.quantize_model(model, "int4")
+    finally:
+        Q.Int4Linear.from_linear = build  # type: ignore[method-assign]
+    assert all(isinstance(m, Q.Int4Linear) for m in model)
+    assert alive_at_each_layer == [6, 5, 4, 3, 2, 1]  # the layer being built and those still to come
+
+
 def test_quantize_weights_takes_given_values_and_computes_the_rest() -> None:
     model = nn.Sequential()
     model.add_module("a", nn.Linear(64, 32))

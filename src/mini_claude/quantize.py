@@ -377,9 +377,11 @@ def _quantized_layers(
     if mode == "none":
         return
     given = given or {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or name in skip:
-            continue
+    # Names, not modules: a list of the modules would keep every replaced layer's dense weight alive until the
+    # last one is done, so a load would hold the model's dense weights twice at its peak.
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in skip]
+    for name in names:
+        module = model.get_submodule(name)
         if ".lora_" in name or name.endswith(".base_layer"):  # LoRA-wrapped layers: merge or remove LoRA first
             raise ValueError(f"{name} carries a LoRA adapter: merge it (lora.merge_lora) before quantizing")
         value = given.get(name)

@@ -152,6 +152,7 @@ def load_model(
     if quantize == "auto":
         quantize = stored or ("int4" if ckpt.int4_blocks else "int8")
     model = build_model(ckpt.config.replace(quantization=None), ckpt.state_dict)
+    ckpt.state_dict.clear()  # the model owns its weights now: each dense layer goes as it is quantized
     given: dict[str, QuantizedWeight] = {**ckpt.int8_blocks, **ckpt.int4_blocks}
     if stored and quantize == stored:
         # Every layer must come with its stored values: a missing one would be quietly quantized again.

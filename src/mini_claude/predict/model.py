@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import skops.io as sio
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data"  # models shipped inside the package
 SUFFIX = ".skops"
@@ -87,6 +86,8 @@ class SklearnModel:
     @classmethod
     def load(cls, path: str | Path, trusted: Sequence[str] = ()) -> SklearnModel:
         """Load a `.skops` file; refuses types outside skops' defaults unless they are listed in `trusted`."""
+        import skops.io as sio  # here, not at the top: it brings scikit-learn, pandas and scipy (~300 MB resident)
+
         path = Path(path)
         needed = sio.get_untrusted_types(file=path)
         refused = sorted(set(needed) - set(trusted))
@@ -101,6 +102,8 @@ class SklearnModel:
 
     def save(self, path: str | Path) -> SklearnModel:
         """Write `{"model", "metadata"}` with skops (deflate-compressed); returns the model as loaded from there."""
+        import skops.io as sio
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
