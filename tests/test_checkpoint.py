@@ -202,3 +202,26 @@ def test_damaged_and_missing_checkpoints_raise_checkpoint_error(tmp_path: Path, 
     (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(CheckpointError, match="unsupported model_type 'bert'"):
         load_checkpoint(bad)
+
+
+def test_reading_gguf_metadata_runs_no_full_garbage_collection(bundled_gguf: Path) -> None:
+    """The bundled model's metadata is ~100k small objects; reading it must not set off the cyclic collector's
+    full passes (they cost half a second of start-up), and the collector is on again afterwards."""
+    import gc
+
+    from mini_claude.checkpoint.gguf import read_gguf
+
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        meta, _ = read_gguf(bundled_gguf)
+    finally:
+        gc.callbacks.remove(count)
+    assert len(meta["tokenizer.ggml.tokens"]) == 49152
+    assert 2 not in collections, collections  # (a young one may follow at once, when it is on again)
+    assert gc.isenabled()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import socket
@@ -22,7 +23,9 @@ from mini_claude.catalog import BUNDLED_NAME
 from mini_claude.db import make_engine
 from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
+from mini_claude.server import create_app
 from mini_claude.settings import Settings
+from server.conftest import app_settings
 
 CHAT = "/v1/chat/completions"
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
@@ -303,3 +306,13 @@ def test_mini_claude_serve_answers_health(tmp_path: Path, bundled_gguf: Path) ->
         process.terminate()
         process.wait(30)
     assert (tmp_path / "serve.db").exists()
+
+
+def test_start_up_objects_are_frozen_while_serving_and_thawed_after(engine: Engine, sqlite_url: str) -> None:
+    """The objects start-up made are kept out of the collector's full passes while the server runs (it walks
+    only what serving made), and given back to it at shutdown, for a process that goes on."""
+    gc.unfreeze()
+    with TestClient(create_app(app_settings(sqlite_url), engine=engine)) as client:
+        assert client.get("/health").status_code == 200
+        assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0

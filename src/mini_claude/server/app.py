@@ -22,6 +22,7 @@ Design choices:
 from __future__ import annotations
 
 import base64
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -84,8 +85,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await anyio.to_thread.run_sync(fine_tunes.start)
             await anyio.to_thread.run_sync(predict.start)
             log.info("serving %s (context %d)", ", ".join(service.model_ids), loaded.context_window)
+            # What start-up made (modules, the model, the tokenizer, the predict models) lives as long as the
+            # server: out of the collector's sight, a full collection walks only what serving made since.
+            # (Thawed at shutdown, for processes that go on: tests start many apps.)
+            gc.freeze()
             yield
         finally:
+            gc.unfreeze()
             await anyio.to_thread.run_sync(predict.stop)
             await anyio.to_thread.run_sync(fine_tunes.stop)
             vector_stores.stop()
