@@ -292,3 +292,30 @@ def test_a_cut_off_reply_stays_before_the_next_question(
     db = client.app.state.service.db  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="not reserved"), session_scope(db) as s:
         crud.add_message(s, conversation_id, "assistant", "from nowhere", seq=10_000)
+
+
+def test_a_turn_that_cannot_be_stored_cancels_its_generation(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply starts before the user's turn is written (the write overlaps the prefill); when the write
+    fails, the client gets the store's error and the started sequence is cancelled, not left running."""
+    from mini_claude.server.errors import APIError
+
+    service = client.app.state.service  # type: ignore[attr-defined]
+    started: list[Any] = []
+    submit = service.generation.submit
+
+    def recording_submit(job: Any) -> Any:
+        handles = submit(job)
+        started.extend(handles)
+        return handles
+
+    def failing_store(*args: Any, **kwargs: Any) -> Any:
+        raise APIError(409, "Another request with this idempotency key is in progress.", code="conflict")
+
+    monkeypatch.setattr(service.generation, "submit", recording_submit)
+    monkeypatch.setattr(service.conversations, "store_turns", failing_store)
+    response = client.post(CHAT, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64})
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "conflict"
+    assert len(started) == 1 and started[0].cancelled
