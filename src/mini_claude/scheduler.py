@@ -295,8 +295,9 @@ class Scheduler:
                 gen.admit(new)
                 if gen.running:
                     self.stats.batch_sizes[len(gen.running)] = self.stats.batch_sizes.get(len(gen.running), 0) + 1
-                    self._dispatch(gen.step(), gen, active)
-                    self.stats.steps += 1
+                    events = gen.step()
+                    self.stats.steps += 1  # before its tokens are handed out: a client that has them sees it
+                    self._dispatch(events, gen, active)
             except Exception as exc:  # a bug or resource failure of the whole step: fail its requests, go on
                 log.exception("generation failed")
                 for seq, handle, _ in active.values():
