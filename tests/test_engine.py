@@ -418,3 +418,16 @@ def test_resolve_dtype() -> None:
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int3")
+
+
+def test_scoring_from_a_position_gives_the_same_log_probabilities_as_scoring_all(engine: Engine) -> None:
+    """`score(start=k)` projects only positions k-1.. onto the vocabulary; the scores it gives are the whole
+    text's from k on (the same layers; only the vocabulary matmul has fewer rows)."""
+    ids = chat_prompt(engine, "Name three colours of the rainbow, please.")
+    whole = engine.score(ids, top=2)
+    part = engine.score(ids, top=2, start=7)
+    assert part[:7] == [None] * 7 and len(part) == len(whole) == len(ids)
+    for a, b in zip(whole[7:], part[7:], strict=True):
+        assert a is not None and b is not None and a.token_id == b.token_id
+        assert b.logprob == pytest.approx(a.logprob, abs=1e-4) and [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert engine.score(ids, start=0)[0] is None and engine.score(ids, start=10_000)[1:] == [None] * (len(ids) - 1)

@@ -104,6 +104,10 @@ class Retrieval(_Strict):
     top_k: int = Field(4, ge=1, le=64, description="Chunks put into the prompt.")
     search: Literal["hybrid", "dense", "keyword"] = "hybrid"
     rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion's k.")
+    rerank: bool = Field(
+        False, description="Re-order the best 20 hits by how likely the chat model finds the question after each "
+        "(rag/rerank.py): better sources, at the cost of the model reading all 20."
+    )  # fmt: skip
     score_threshold: float | None = Field(None, ge=0.0)
     citations: Literal["required", "optional", "off"] = "optional"
     refusal: Text | None = Field(None, description="The answer when nothing relevant is found.")

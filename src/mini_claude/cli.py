@@ -162,6 +162,10 @@ def chat(
     grounder = _grounder(names, spec, settings) if names else None
     has_system = bool(opening) and opening[0]["role"] == "system"
     engine = load_engine(model, settings, dtype, quantize, threads, adapters=[adapter] if adapter else [])
+    if grounder is not None and spec is not None and spec.retrieval.rerank:
+        from mini_claude.rag.rerank import QueryLikelihood
+
+        grounder.reranker = QueryLikelihood(engine.tokenizer, engine.score)  # type: ignore[attr-defined]
     repl = ChatREPL(
         engine, params, opening[0]["content"] if has_system else settings.system_prompt,
         max_turns or settings.memory_max_turns, adapter=engine.adapters.names[0] if adapter else None,

@@ -271,21 +271,25 @@ class Engine:
         raise RuntimeError("generation ended without a final chunk")  # unreachable: every sequence finishes
 
     @torch.inference_mode()
-    def score(self, prompt_ids: Sequence[int], top: int = 0, adapter: str | None = None) -> list[TokenLogprob | None]:
-        """The log-probability of each token of `prompt_ids` given the ones before it (None for the first,
-        which has no context), with the `top` most likely tokens at each position: one forward over the
-        whole text, without a cache, on the dense path (the int4/int8 layers' prefill weights). Not
+    def score(
+        self, prompt_ids: Sequence[int], top: int = 0, adapter: str | None = None, start: int = 1
+    ) -> list[TokenLogprob | None]:
+        """The log-probability of each token of `prompt_ids` from `start` on, given the ones before it (None
+        for those before `start`, and always for the first, which has no context), with the `top` most likely
+        tokens at each position: one forward over the whole text, without a cache, on the dense path (the
+        int4/int8 layers' prefill weights); the vocabulary projection only where a score is wanted. Not
         thread-safe against other forwards: a server runs it on its scheduler's thread (`Scheduler.call`)."""
         ids = list(prompt_ids)
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) > self.context_window:
             raise ContextOverflowError(len(ids), self.context_window)
+        start = min(max(start, 1), len(ids))
         device = self.model.embed_tokens.weight.device
         x = torch.tensor(ids, device=device)
         with self.adapters.route([adapter]):  # one row: the whole text uses `adapter` (None: the base model)
-            logits = self.model(x[None])[0, :-1]  # (T-1, V): position t predicts token t+1
-        return [None, *token_logprobs(logits, x[1:], top)]
+            logits = self.model(x[None], logits_from=start - 1)[0, :-1]  # position t predicts token t+1
+        return [None] * start + token_logprobs(logits, x[start:], top)
 
     def chat(
         self,

@@ -466,6 +466,7 @@ class Transformer(nn.Module):
         slots: Tensor | None = None,
         logits_at: Tensor | None = None,
         logits_rows: Tensor | None = None,
+        logits_from: int = 0,
     ) -> Tensor:
         """Logits for token ids `idx` (B, T).
 
@@ -477,9 +478,11 @@ class Transformer(nn.Module):
                 which skips the vocabulary projection for every other position.
             logits_rows: (K,) only these rows' logits are wanted (a batch that mixes prefill chunks, one token
                 per row, with decode rows needs the last token of each chunk and every decode row).
+            logits_from: only positions from this one on get logits (scoring a continuation of a prompt).
 
         Returns:
-            (B, T, vocab_size) logits, or (B, 1, vocab_size) with `logits_at`; K rows with `logits_rows`.
+            (B, T - logits_from, vocab_size) logits, or (B, 1, vocab_size) with `logits_at`; K rows with
+            `logits_rows`.
         """
         B, T = idx.shape
         device = idx.device
@@ -524,6 +527,8 @@ class Transformer(nn.Module):
             x = x[logits_rows]  # (K, T, dim)
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=device), logits_at][:, None]  # (B, 1, dim)
+        elif logits_from:
+            x = x[:, logits_from:]
         return self.lm_head(self.norm(x))
 
     def _decode_step(

@@ -36,6 +36,12 @@ def test_ingest_search_remove(capsys: pytest.CaptureFixture[str], corpus: Path, 
     assert code == 0 and hits[0]["filename"] == "planets.rst" and hits[0]["heading"].startswith("Planets")
     assert {"chunk_id", "start_char", "end_char", "page", "score", "ranks", "source"} <= set(hits[0])
 
+    code, out, _ = run(capsys, "search", "largest planet gas giant", "--collection", "kb", "--database-url", url,
+                       "--json", "--k", "2", "--rerank")  # fmt: skip
+    reranked = json.loads(out)  # the bundled chat model read the first stage's hits with the question
+    assert code == 0 and len(reranked) == 2 and all(h["ranks"]["rerank"] >= 1 for h in reranked)
+    assert reranked[0]["filename"] == "planets.rst"
+
     code, out, _ = run(capsys, "search", "bread", "--collection", "kb", "--database-url", url)
     assert out.startswith(f"[1] {(corpus / 'cooking' / 'bread.md').resolve()}") and "Baking bread" in out
 
@@ -44,11 +50,10 @@ def test_ingest_search_remove(capsys: pytest.CaptureFixture[str], corpus: Path, 
     code, out, _ = run(capsys, "collections", "--database-url", url)
     assert out.split()[:5] == ["kb", "2", "files", "3", "chunks"] or out.split()[:3] == ["kb", "2", "files"]
 
-    code, _, err = run(capsys, "search", "x", "--collection", "nope", "--database-url", url)
-    assert (
-        code == 1
-        and err.strip() == "mini-claude: error: no collection named 'nope'; create it with `mini-claude ingest`"
-    )
+    for flags in ([], ["--rerank"]):  # with --rerank before the model loads
+        code, _, err = run(capsys, "search", "x", "--collection", "nope", "--database-url", url, *flags)
+        assert code == 1 and err.count("\n") == 1
+        assert err.startswith("mini-claude: error: no collection named 'nope'") and "mini-claude ingest" in err
 
 
 def test_eval_rag_on_a_few_questions(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -71,3 +76,13 @@ def test_eval_rag_on_a_few_questions(capsys: pytest.CaptureFixture[str], tmp_pat
             assert 0 <= mode["hit"]["1"] <= mode["hit"]["5"] <= mode["hit"]["10"] <= 1
         assert results["modes"]["hybrid"]["hit"]["10"] >= 2 / 3
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = run(capsys, "eval-rag", "--questions", "paraphrased", "--max-questions", "12", "--database-url",
+                       f"sqlite:///{tmp_path / 'e.db'}", "--json")  # fmt: skip
+    figures = json.loads(out)
+    whole, splits = figures["sets"]["paraphrased"], figures["splits"]
+    assert set(splits) == {"paraphrased dev", "paraphrased test"}
+    assert sum(s["questions"] for s in splits.values()) == whole["questions"] == 12
+    for mode, result in whole["modes"].items():  # the splits' figures are the whole set's, question by question
+        for key in ("1", "5", "10"):
+            parts = sum(s["modes"][mode]["hit"][key] * s["questions"] for s in splits.values())
+            assert parts == pytest.approx(result["hit"][key] * 12)

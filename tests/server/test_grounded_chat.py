@@ -23,6 +23,7 @@ from openai import OpenAI
 from mini_claude.engine import Engine
 from mini_claude.generate import SamplingParams
 from mini_claude.rag.grounding import ground, marks, merge_hits, search_query, strip_unknown
+from mini_claude.rag.rerank import QueryLikelihood
 
 pytestmark = pytest.mark.slow
 WINDOW = 1024
@@ -139,6 +140,21 @@ def test_chunks_that_do_not_fit_the_budget_are_reported(server: Any) -> None:
     assert body["usage"]["prompt_tokens"] + 16 <= WINDOW
     assert len(report["sources"]) + len(report["left_out"]) >= 8  # every chunk found is accounted for
     assert "did not fit the context budget" in report["note"]
+
+
+def test_a_reranked_request_gets_the_sources_the_model_ranks_best(server: Any, reference: Engine) -> None:
+    """`retrieval.rerank`: the server's model reads the first 20 hits on its scheduler thread; the sources are
+    those `rag.rerank` picks with the reference engine's scores (the same weights, the same arithmetic)."""
+    body = post(server, messages=QUESTION, knowledge=["kitchen"], retrieval={"rerank": True, "top_k": 3},
+                max_tokens=4, temperature=0).json()  # fmt: skip
+    report = body["knowledge"]
+    knowledge = server.app.state.service.rag.knowledge
+    model = QueryLikelihood(reference.tokenizer, reference.score)
+    expected = knowledge.search(report["query"], "kitchen", 3, reranker=model)
+    assert [s["chunk_id"] for s in report["sources"]] == [h.chunk_id for h in expected]
+    assert body["choices"][0]["message"]["content"] is not None
+    bad = post(server, messages=QUESTION, knowledge=["kitchen"], retrieval={"rerank": "sometimes"}, max_tokens=2)
+    assert bad.status_code == 400 and "rerank" in bad.json()["error"]["message"]
 
 
 def test_the_openai_client_names_a_vector_store_by_id(client: OpenAI, server: Any) -> None:

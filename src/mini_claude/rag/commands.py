@@ -81,6 +81,15 @@ def ingest(
     )
 
 
+def _chat_model_reranker(model: str | None = None):  # type: ignore[no-untyped-def]
+    """A query-likelihood reranker over the chat model (`--model`, else the settings' model)."""
+    from mini_claude.cli import load_engine
+    from mini_claude.rag.rerank import QueryLikelihood
+
+    engine = load_engine(model, Settings(), quiet=True)
+    return QueryLikelihood(engine.tokenizer, engine.score)
+
+
 def search(
     query: str,
     collection: str = "default",
@@ -89,6 +98,8 @@ def search(
     database_url: str | None = None,
     dense: Dense = "auto",
     json: bool = False,
+    rerank: bool = False,
+    model: str | None = None,
 ) -> None:
     """Search a collection: the chunks that best answer QUERY, with file, page, heading and character span.
 
@@ -101,12 +112,18 @@ def search(
         dense: the dense index: exact, hnsw, pgvector (PostgreSQL), or auto (pgvector where the database has it,
             else HNSW from 50k chunks).
         json: print a JSON list of hits.
+        rerank: re-order the best 20 by how likely the chat model finds the query after each (slower: the
+            model reads every one; `rag/rerank.py`).
+        model: the chat model that reranks (default: the settings' model).
     """
     from mini_claude.cli import UserError
     from mini_claude.rag.store import CollectionError
 
+    knowledge = _knowledge(database_url, dense)
     try:
-        hits = _knowledge(database_url, dense).search(query, collection, k, mode)
+        knowledge.resolve([collection])  # an unknown collection is one line before the model loads
+        reranker = _chat_model_reranker(model) if rerank else None
+        hits = knowledge.search(query, collection, k, mode, reranker=reranker)
     except CollectionError as exc:
         raise UserError(str(exc)) from None
     if json:
@@ -168,6 +185,8 @@ def eval_rag(
     dense: Dense = "auto",
     chart: str | None = None,
     json: bool = False,
+    rerank: bool = False,
+    split: Literal["all", "dev", "test"] = "all",
 ) -> None:
     """Measure retrieval on the Python docs: hit@1/5/10 and MRR of keyword, dense and hybrid search over two
     question sets with gold spans (120 that copy the docs' titles and sentences, 140 paraphrased by hand),
@@ -186,6 +205,9 @@ def eval_rag(
         dense: the dense index: exact, hnsw, pgvector, or auto.
         chart: write a PNG bar chart of the results here.
         json: print the figures as one JSON object.
+        rerank: also measure hybrid search re-ranked by the bundled chat model (`rag.rerank`; slow: the model
+            reads 20 passages per question).
+        split: the paraphrased set's dev or test split only (tune on dev; the titles set has no split).
     """
     from mini_claude.cli import UserError
     from mini_claude.rag import evaluate as ev
@@ -198,26 +220,34 @@ def eval_rag(
         sets = {name: ev.load_questions(ev.QUESTION_SETS[name], docs=root) for name in names}
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if split != "all":
+        sets = {name: [q for q in qs if q.split in ("", split)] for name, qs in sets.items()}
     sets = {name: qs[:max_questions] if max_questions else qs for name, qs in sets.items()}
+    reranker = _chat_model_reranker() if rerank else None
     knowledge = _knowledge(database_url, dense)
     report = knowledge.ingest(
         ev.corpus_files([q for qs in sets.values() for q in qs], root, corpus), collection,
         progress=not json and sys.stderr.isatty(),
         on_error=lambda source, reason: print(f"skipped {source}: {reason}", file=sys.stderr),
     )  # fmt: skip
-    results = {name: ev.evaluate(knowledge, collection, qs, root) for name, qs in sets.items()}
+    results = {name: ev.evaluate(knowledge, collection, qs, root, reranker=reranker) for name, qs in sets.items()}
     from mini_claude.db import session_scope
     from mini_claude.rag import store
 
     with session_scope(knowledge.db) as session:
         coll = store.get_collection(session, collection)
         n_chunks = store.count_chunks(session, coll.id) if coll else 0
+    splits = {f"{name} {split}": by_mode for name in results
+              for split, by_mode in ev.by_split(results[name], sets[name]).items()}  # fmt: skip
     figures = {
         "corpus_chunks": n_chunks, "ingestion": ev.ingestion_figures(report),
         "embed_precision": knowledge.encoder.precision,
         "sets": {name: {"questions": len(sets[name]), "modes": {
             m: {"hit": {str(c): v for c, v in r.hits.items()}, "mrr": r.mrr, "latency_ms": r.latency_ms}
             for m, r in by_mode.items()}} for name, by_mode in results.items()},
+        "splits": {name: {"questions": len(next(iter(by_mode.values())).ranks), "modes": {
+            m: {"hit": {str(c): v for c, v in r.hits.items()}, "mrr": r.mrr} for m, r in by_mode.items()}}
+            for name, by_mode in splits.items()},
     }  # fmt: skip
     if chart:
         ev.chart(results, Path(chart), f"Retrieval on the Python docs ({n_chunks} chunks)")
@@ -229,9 +259,10 @@ def eval_rag(
     if ing["chunks"]:
         print(f"ingestion: {ing['files']} files, {ing['chunks']} chunks in {ing['seconds']:.1f}s "
               f"({ing['files_per_s']:.2f} files/s, {ing['chunks_per_s']:.1f} chunks/s)")  # fmt: skip
-    for name, by_mode in results.items():
-        print(f"\n{name}: {len(sets[name])} questions")
-        print(f"{'mode':8} {'hit@1':>6} {'hit@5':>6} {'hit@10':>6} {'MRR':>6} {'p50 ms':>7} {'p95 ms':>7}")
+    for name, by_mode in {**results, **splits}.items():
+        print(f"\n{name}: {len(next(iter(by_mode.values())).ranks)} questions")
+        print(f"{'mode':13} {'hit@1':>6} {'hit@5':>6} {'hit@10':>6} {'MRR':>6} {'p50 ms':>8} {'p95 ms':>8}")
         for mode, r in by_mode.items():
-            print(f"{mode:8} {r.hits.get(1, 0):6.3f} {r.hits.get(5, 0):6.3f} {r.hits.get(10, 0):6.3f} {r.mrr:6.3f} "
-                  f"{r.latency_ms.get('p50', 0):7.1f} {r.latency_ms.get('p95', 0):7.1f}")  # fmt: skip
+            p50, p95 = (f"{r.latency_ms[p]:8.1f}" if r.latency_ms else f"{'-':>8}" for p in ("p50", "p95"))
+            print(f"{mode:13} {r.hits.get(1, 0):6.3f} {r.hits.get(5, 0):6.3f} {r.hits.get(10, 0):6.3f} {r.mrr:6.3f} "
+                  f"{p50} {p95}")  # fmt: skip

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mini_claude.rag.knowledge import IngestReport, Knowledge
+from mini_claude.rag.rerank import QueryLikelihood
 from mini_claude.rag.retrieve import MODES
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -31,6 +32,7 @@ QUESTIONS = Path(__file__).parent / "data" / "python_docs_questions.jsonl"
 PARAPHRASED = Path(__file__).parent / "data" / "python_docs_paraphrased.jsonl"
 QUESTION_SETS = {"titles": QUESTIONS, "paraphrased": PARAPHRASED}
 KS = (1, 5, 10)
+RERANKED = "hybrid+rerank"
 
 
 @dataclass
@@ -51,6 +53,28 @@ class ModeResult:
     hits: dict[int, float] = field(default_factory=dict)  # k -> fraction of questions with a hit in the top k
     mrr: float = 0.0
     latency_ms: dict[str, float] = field(default_factory=dict)  # p50, p95 of one search (embedding included)
+    ranks: list[int | None] = field(default_factory=list)  # per question: rank of the first hit, None if none
+
+
+def figures(ranks: list[int | None], k: int = 10) -> tuple[dict[int, float], float]:
+    """hit@k for each of `KS` up to k, and MRR, of the first hits' ranks."""
+    n = max(len(ranks), 1)
+    hits = {c: sum(1 for r in ranks if r is not None and r <= c) / n for c in KS if c <= k}
+    return hits, sum(1 / r for r in ranks if r is not None) / n
+
+
+def by_split(results: dict[str, ModeResult], questions: list[Question]) -> dict[str, dict[str, ModeResult]]:
+    """The same results for each split of a question set ("dev", "test"); {} for a set without splits."""
+    splits = sorted({q.split for q in questions if q.split})
+    out: dict[str, dict[str, ModeResult]] = {}
+    for split in splits:
+        keep = [i for i, q in enumerate(questions) if q.split == split]
+        out[split] = {}
+        for mode, r in results.items():
+            ranks = [r.ranks[i] for i in keep]
+            hits, mrr = figures(ranks)
+            out[split][mode] = ModeResult(hits, mrr, ranks=ranks)
+    return out
 
 
 def load_questions(path: Path = QUESTIONS, docs: Path = PYTHON_DOCS) -> list[Question]:
@@ -74,23 +98,25 @@ def evaluate(
     docs: Path = PYTHON_DOCS,
     modes: tuple[str, ...] = MODES,
     k: int = 10,
+    reranker: QueryLikelihood | None = None,
 ) -> dict[str, ModeResult]:
+    """Each mode's figures; with a `reranker`, also `RERANKED` (hybrid, its top 20 re-ordered by the model)."""
     results: dict[str, ModeResult] = {}
-    for mode in modes:
+    for mode in (*modes, RERANKED) if reranker is not None else modes:
         ranks: list[int | None] = []
         latencies: list[float] = []
         for q in questions:
             start = time.perf_counter()
-            hits = knowledge.search(q.question, collection, k, mode)
+            if mode == RERANKED:
+                hits = knowledge.search(q.question, collection, k, "hybrid", reranker=reranker)
+            else:
+                hits = knowledge.search(q.question, collection, k, mode)
             latencies.append((time.perf_counter() - start) * 1e3)
             found = [i for i, h in enumerate(hits, 1) if is_hit(h.source, h.start_char, h.end_char, q, docs)]
             ranks.append(found[0] if found else None)
-        n = len(questions)
-        results[mode] = ModeResult(
-            hits={c: sum(1 for r in ranks if r is not None and r <= c) / n for c in KS if c <= k},
-            mrr=sum(1 / r for r in ranks if r is not None) / n,
-            latency_ms=percentiles(latencies[1:] or latencies),  # the first search loads the index
-        )
+        hits, mrr = figures(ranks, k)
+        latency = percentiles(latencies[1:] or latencies)  # the first search loads the index
+        results[mode] = ModeResult(hits, mrr, latency, ranks)
     return results
 
 

@@ -309,15 +309,18 @@ class Grounder:
         knowledge: the `rag.knowledge.Knowledge` to search.
         collections: names or ids; resolved now, so an unknown one fails before the chat starts.
         top_k, search, rrf_k, score_threshold, citations, refusal: an agent's `retrieval` settings.
+        reranker: a `rerank.QueryLikelihood` that re-orders each collection's hits (`retrieval.rerank`); may be
+            set after the model has loaded.
     """
 
     def __init__(
         self, knowledge: Any, collections: Sequence[str], *, top_k: int = 4, search: str = "hybrid", rrf_k: int = 60,
         score_threshold: float | None = None, citations: CitationsMode = "optional", refusal: str | None = None,
+        reranker: Any = None,
     ) -> None:  # fmt: skip
         self.knowledge, self.ids = knowledge, knowledge.resolve(list(collections))
         self.top_k, self.search, self.rrf_k, self.threshold = top_k, search, rrf_k, score_threshold
-        self.citations, self.refusal = citations, refusal
+        self.citations, self.refusal, self.reranker = citations, refusal, reranker
 
     def __call__(
         self, messages: Sequence[dict[str, str]], count: Callable[[list[dict[str, str]]], int] | None = None,
@@ -326,7 +329,7 @@ class Grounder:
         query = search_query(messages)
         hits: list[tuple[str, Hit]] = []
         if query:
-            found = {n: self.knowledge.search(query, cid, self.top_k, self.search, self.rrf_k)
+            found = {n: self.knowledge.search(query, cid, self.top_k, self.search, self.rrf_k, self.reranker)
                      for n, cid in self.ids.items()}  # fmt: skip
             hits = merge_hits(found, self.top_k, self.threshold)
         return ground(messages, hits, count=count, budget=budget, citations=self.citations, refusal=self.refusal,

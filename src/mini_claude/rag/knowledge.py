@@ -41,6 +41,7 @@ from mini_claude.rag import pgvector, store
 from mini_claude.rag.chunking import EMBED_RECIPE, Chunk, ChunkingConfig, chunk_document
 from mini_claude.rag.index import ExactIndex, HNSWIndex
 from mini_claude.rag.readers import UnreadableFileError, iter_files, read, supported
+from mini_claude.rag.rerank import RERANK_DEPTH, QueryLikelihood, rerank
 from mini_claude.rag.retrieve import MODES, RRF_K, Hit, rrf, single
 
 DenseKind = Literal["auto", "exact", "hnsw", "pgvector"]
@@ -221,10 +222,15 @@ class Knowledge:
         return removed
 
     # ---------------------------------------------------------------------------------------------- search
-    def search(self, query: str, collection: str, k: int = 5, mode: str = "hybrid", rrf_k: int = RRF_K) -> list[Hit]:
-        """The k chunks that best answer `query`: by keyword (BM25), by meaning (dense), or both fused (RRF)."""
+    def search(
+        self, query: str, collection: str, k: int = 5, mode: str = "hybrid", rrf_k: int = RRF_K,
+        reranker: QueryLikelihood | None = None, rerank_depth: int = RERANK_DEPTH,
+    ) -> list[Hit]:  # fmt: skip
+        """The k chunks that best answer `query`: by keyword (BM25), by meaning (dense), or both fused (RRF);
+        with a `reranker`, the first `rerank_depth` of that list re-ordered by it (`rerank.rerank`)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        final_k, k = k, max(k, rerank_depth) if reranker is not None else k
         with session_scope(self.db) as session:
             coll = self._collection(session, collection)
             lists: dict[str, list[tuple[int, float]]] = {}
@@ -246,6 +252,8 @@ class Knowledge:
                 r.text, r.heading, r.source, r.filename, r.document_id,
             )  # fmt: skip
             hit.start_char, hit.end_char, hit.page = r.start_char, r.end_char, r.page
+        if reranker is not None:
+            return rerank(query, hits, reranker, final_k, rerank_depth, rrf_k)
         return hits
 
     def resolve(self, names: Sequence[str]) -> dict[str, str]:

@@ -69,13 +69,20 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             raise FileNotFoundError(f"no such file or folder: {raw}")
 
 
+def markup_of(path: Path) -> str:
+    """How a file's text marks its structure (`Document.markup`), by its name: HTML and DOCX are read as Markdown."""
+    name, suffix = path.name.lower(), path.suffix.lower()
+    if name.endswith(".rst.txt") or suffix == ".rst":
+        return "rst"
+    return "markdown" if suffix in (".md", ".markdown", ".html", ".htm", ".docx") else "plain"
+
+
 def read(path: Path, data: bytes | None = None) -> Document:
     """The text of a file (its bytes may be passed when already read), by its suffix."""
     data = path.read_bytes() if data is None else data
-    name = path.name.lower()
     suffix = path.suffix.lower()
     try:
-        if name.endswith(".rst.txt") or suffix == ".rst":
+        if markup_of(path) == "rst":
             doc = Document(_utf8(data), "rst")
         elif suffix in (".md", ".markdown"):
             doc = Document(_utf8(data), "markdown")

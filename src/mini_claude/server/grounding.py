@@ -22,19 +22,20 @@ Design choices:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from mini_claude.agents import Retrieval
-from mini_claude.generate import SamplingParams
+from mini_claude.generate import SamplingParams, TokenLogprob
 from mini_claude.rag import grounding as rag_grounding
 from mini_claude.rag.grounding import SEARCH_TOOL, Grounding, merge_hits, search_query, tool_result, with_system
+from mini_claude.rag.rerank import QueryLikelihood
 from mini_claude.rag.retrieve import Hit
 from mini_claude.rag.store import CollectionError
 from mini_claude.server import tools
-from mini_claude.server.errors import invalid
+from mini_claude.server.errors import APIError, invalid
 from mini_claude.server.generation import Job
 from mini_claude.server.protocol import new_id
 
@@ -69,6 +70,7 @@ class RagKnowledge:
         """(collection, hit) pairs, best first: `retrieval.top_k` over all collections, or with `full_context`
         every chunk of each, in document order. A 400 names the collections that do not exist."""
         knowledge = self.knowledge
+        reranker = self._reranker() if retrieval.rerank else None
 
         def run() -> list[tuple[str, Hit]]:
             try:
@@ -77,13 +79,26 @@ class RagKnowledge:
                     return [(name, h) for name, cid in ids.items() for h in knowledge.all_chunks(cid)]
                 if not query.strip():
                     return []
-                found = {name: knowledge.search(query, cid, retrieval.top_k, retrieval.search, retrieval.rrf_k)
-                         for name, cid in ids.items()}  # fmt: skip
+                found = {name: knowledge.search(query, cid, retrieval.top_k, retrieval.search, retrieval.rrf_k,
+                                                reranker) for name, cid in ids.items()}  # fmt: skip
             except CollectionError as exc:
                 raise invalid(f"Invalid value for 'knowledge': {exc}.", "knowledge", "collection_not_found") from None
             return merge_hits(found, retrieval.top_k, retrieval.score_threshold)
 
         return await self.service.db_call(run)
+
+    def _reranker(self) -> QueryLikelihood:
+        """The base model as a query-likelihood reranker. Its forwards run on the scheduler's thread, between
+        generation steps (the engine is not thread-safe); the search's worker thread waits for each."""
+        engine, scheduler, _ = self.service.ready()
+
+        def score(ids: Sequence[int], *, start: int) -> list[TokenLogprob | None]:
+            try:
+                return scheduler.call(lambda: engine.score(ids, start=start)).result()
+            except RuntimeError:
+                raise APIError(503, "The server is shutting down.", "server_error", code="unavailable") from None
+
+        return QueryLikelihood(engine.tokenizer, score)
 
     async def ground(
         self, collections: list[str], retrieval: Retrieval, messages: list[dict[str, str]], count: Count | None = None,
