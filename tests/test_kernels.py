@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from mini_claude import kernels
-from mini_claude.model import RMSNorm, apply_rope, attention, rope_tables
+from mini_claude.model import RMSNorm, attention
+from mini_claude.positions import apply_rope, rope_tables
 from mini_claude.quantize import (
     Int4Blocks,
     Int4Linear,

@@ -10,6 +10,7 @@ from pathlib import Path
 CORE = [
     "mini_claude.config",
     "mini_claude.model",
+    "mini_claude.positions",
     "mini_claude.encoder",
     "mini_claude.tokenizer",
     "mini_claude.generate",

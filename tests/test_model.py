@@ -9,17 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mini_claude.config import PRESETS, ModelConfig
-from mini_claude.model import (
-    LayerNorm,
-    RMSNorm,
-    Transformer,
-    apply_rope,
-    attention,
-    causal_mask,
-    rope_inv_freq,
-    rope_tables,
-    sinusoidal_positions,
-)
+from mini_claude.model import LayerNorm, RMSNorm, Transformer, attention, causal_mask
+from mini_claude.positions import apply_rope, rope_inv_freq, rope_tables, sinusoidal_positions
 
 
 def random_model(name: str = "tiny-llama", seed: int = 0, std: float = 0.3, **changes: object) -> Transformer:

@@ -1,12 +1,12 @@
-"""The transformer, from scratch: norms, positions, attention, MLP, block, KV cache.
+"""The transformer, from scratch: norms, attention, MLP, block, KV cache (positions: `positions.py`).
 
 This is the network that answers in `mini-claude chat`, not a simplified copy of it. Design choices:
 
 - Pre-norm residual blocks (GPT-2, Llama): `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 - Grouped-query attention (Ainslie et al., 2023): `n_kv_head` key/value heads are shared by
   `n_head // n_kv_head` query heads each; `n_kv_head == n_head` is ordinary multi-head attention.
-- Rotary position embeddings (Su et al., 2021) in Hugging Face's "rotate half" layout. GGUF stores Llama's
-  q/k rows interleaved instead; `checkpoint/gguf.py` undoes that once at load time, so there is one RoPE here.
+- Rotary position embeddings (Su et al., 2021), sinusoidal or learned absolute positions, per the config
+  (`positions.py` holds the encodings; this module picks one and applies it).
 - Two attention paths that agree (a test proves it): `attention()` spells out softmax(QK^T/sqrt(d) + mask)V
   and can return its weights for study; the default path calls `F.scaled_dot_product_attention`, which fuses
   the same computation.
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from mini_claude import kernels
 from mini_claude.config import ModelConfig
+from mini_claude.positions import apply_rope, rope_tables, sinusoidal_positions
 
 FAST_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels compute on
 
@@ -114,63 +115,6 @@ class LayerNorm(nn.Module):
 def make_norm(config: ModelConfig) -> nn.Module:
     cls = RMSNorm if config.norm == "rmsnorm" else LayerNorm
     return cls(config.dim, config.norm_eps)
-
-
-# ----------------------------------------------------------------------------------------- positions
-
-
-def sinusoidal_positions(n_positions: int, dim: int, base: float = 10_000.0) -> Tensor:
-    """The fixed encoding of "Attention Is All You Need": PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos.
-
-    Returns (n_positions, dim). Added to token embeddings; nothing is learned.
-    """
-    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]  # (P, 1)
-    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
-    angles = pos * inv_freq  # (P, dim/2)
-    pe = torch.zeros(n_positions, dim)
-    pe[:, 0::2] = angles.sin()
-    pe[:, 1::2] = angles.cos()[:, : dim // 2]
-    return pe
-
-
-def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, float] | None = None) -> Tensor:
-    """Per-pair rotation speeds theta_i = base^(-2i/d); optionally Llama 3.1's long-context rescaling.
-
-    Llama 3.1 slows the low frequencies (long wavelengths) by `factor`, keeps the high ones, and blends in
-    between, so a model trained at 8k positions extrapolates to 128k.
-    """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if not scaling:
-        return inv_freq
-    factor = scaling["factor"]
-    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_len = scaling.get("original_max_position_embeddings", 8192)
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(medium, blended, scaled)
-
-
-def rope_tables(
-    head_dim: int, n_positions: int, base: float, scaling: dict[str, float] | None = None
-) -> tuple[Tensor, Tensor]:
-    """cos and sin of every (position, frequency) angle, duplicated to the full head: (n_positions, head_dim)."""
-    inv_freq = rope_inv_freq(head_dim, base, scaling)
-    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)  # (P, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (P, hd): pairs are (i, i + hd/2), "rotate half" layout
-    return angles.cos(), angles.sin()
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle. x: (B, H, T, hd); cos/sin: (B, 1, T, hd)."""
-    return x * cos + rotate_half(x) * sin
 
 
 # ------------------------------------------------------------------------------------------ attention
