@@ -17,6 +17,7 @@ CORE = [
     "mini_claude.checkpoint",
     "mini_claude.quantize",
     "mini_claude.lora",
+    "mini_claude.lora_report",
     "mini_claude.adapters",
     "mini_claude.engine",
     "mini_claude.scheduler",

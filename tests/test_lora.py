@@ -30,13 +30,12 @@ from mini_claude.lora import (
     lora_state_dict,
     merge_lora,
     merged_state_dict,
-    parameter_report,
-    rank_for_budget,
     remove_lora,
     save_adapter,
     set_lora_enabled,
     unmerge_lora,
 )
+from mini_claude.lora_report import parameter_report, rank_for_budget
 from mini_claude.model import Transformer
 
 transformers = pytest.importorskip("transformers")

@@ -218,7 +218,8 @@ def finetune(
     """
     from mini_claude.catalog import resolve_model
     from mini_claude.checkpoint import load_model
-    from mini_claude.lora import LoRAConfig, apply_lora, parameter_report, save_adapter
+    from mini_claude.lora import LoRAConfig, apply_lora, save_adapter
+    from mini_claude.lora_report import parameter_report
 
     started = time.perf_counter()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
