@@ -50,6 +50,15 @@ def test_vector_store_ingests_searches_and_cites(client: OpenAI) -> None:
     assert PLANETS.decode()[extra["start_char"] : extra["end_char"]] == top.content[0].text
     assert isinstance(extra["chunk_id"], int) and extra["page"] is None and extra["heading"] == "Planets"
 
+    reranked = client.vector_stores.search(store.id, query="Which planet is the largest?", max_num_results=2,
+                                           extra_body={"rerank": True})  # fmt: skip
+    assert {r.file_id for r in reranked.data} == {r.file_id for r in results.data}  # the two chunks there are
+    assert sorted((r.model_extra or {})["ranks"]["rerank"] for r in reranked.data) == [1, 2]  # the model read both
+    cut = results.data[0].score  # RRF scores: the second hit's is lower
+    kept = client.vector_stores.search(store.id, query="Which planet is the largest?",
+                                       ranking_options={"score_threshold": cut})  # fmt: skip
+    assert [r.file_id for r in kept.data] == [top.file_id]
+
     retrieved = client.vector_stores.retrieve(store.id)
     assert retrieved.file_counts.completed == 2 and retrieved.file_counts.failed == 1
     assert retrieved.file_counts.total == 3

@@ -70,7 +70,7 @@ class RagKnowledge:
         """(collection, hit) pairs, best first: `retrieval.top_k` over all collections, or with `full_context`
         every chunk of each, in document order. A 400 names the collections that do not exist."""
         knowledge = self.knowledge
-        reranker = self._reranker() if retrieval.rerank else None
+        reranker = self.reranker() if retrieval.rerank else None
 
         def run() -> list[tuple[str, Hit]]:
             try:
@@ -87,7 +87,7 @@ class RagKnowledge:
 
         return await self.service.db_call(run)
 
-    def _reranker(self) -> QueryLikelihood:
+    def reranker(self) -> QueryLikelihood:
         """The base model as a query-likelihood reranker. Its forwards run on the scheduler's thread, between
         generation steps (the engine is not thread-safe); the search's worker thread waits for each."""
         engine, scheduler, _ = self.service.ready()

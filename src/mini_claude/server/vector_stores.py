@@ -42,10 +42,17 @@ class VectorStoreFileCreate(BaseModel):
     model_config = {"extra": "allow"}
 
 
+class RankingOptions(BaseModel):
+    ranker: str | None = None  # OpenAI's names ("auto", "none", ...): accepted; `rerank` picks ours
+    score_threshold: float | None = Field(None, ge=0.0)
+
+
 class VectorStoreSearch(BaseModel):
     query: str | list[str]
     max_num_results: int = Field(10, ge=1, le=50)
-    model_config = {"extra": "allow"}  # filters, ranking_options, rewrite_query: accepted, not used
+    ranking_options: RankingOptions | None = None
+    rerank: bool = Field(False, description="Extension: the chat model re-orders the best 20 (rag/rerank.py).")
+    model_config = {"extra": "allow"}  # filters, rewrite_query: accepted, not used
 
 
 def _ts(value: Any) -> int:
@@ -212,7 +219,13 @@ class VectorStoreService:
         query = req.query if isinstance(req.query, str) else " ".join(req.query)
         if not query.strip():
             raise invalid("query must not be empty", "query")
-        hits = await self.chat.db_call(lambda: self.knowledge.search(query, vs_id, req.max_num_results, "hybrid"))
+        reranker = self.chat.rag.reranker() if req.rerank else None
+        hits = await self.chat.db_call(
+            lambda: self.knowledge.search(query, vs_id, req.max_num_results, "hybrid", reranker=reranker)
+        )
+        threshold = req.ranking_options.score_threshold if req.ranking_options else None
+        if threshold is not None:
+            hits = [h for h in hits if h.score >= threshold]
         data = [
             {
                 "file_id": h.source,
