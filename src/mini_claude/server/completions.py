@@ -22,7 +22,7 @@ import anyio
 
 from mini_claude.engine import Completion
 from mini_claude.generate import TokenLogprob
-from mini_claude.server.errors import APIError, generation_failed, invalid
+from mini_claude.server.errors import generation_failed, invalid, shutting_down
 from mini_claude.server.generation import DONE, EventStream, Handle, Job, sse, usage_of
 from mini_claude.server.logprobs import legacy_logprobs
 from mini_claude.server.protocol import (
@@ -98,7 +98,7 @@ class TextCompletions:
         try:
             scores = await asyncio.wrap_future(scheduler.call(lambda: engine.score(ids, top, adapter)))
         except RuntimeError:
-            raise APIError(503, "The server is shutting down.", "server_error", code="unavailable") from None
+            raise shutting_down() from None
         return text, legacy_logprobs(engine, ids, scores)
 
     def _choice(self, index: int, c: Completion, echo: tuple[str, LegacyLogprobs | None] | None) -> CompletionChoice:

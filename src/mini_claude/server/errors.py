@@ -31,6 +31,11 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def shutting_down() -> APIError:
+    """The scheduler closed under a request (its `submit` or `call` raised RuntimeError)."""
+    return APIError(503, "The server is shutting down.", "server_error", code="unavailable")
+
+
 def generation_failed() -> APIError:
     return APIError(500, "The generation failed; try again.", "server_error", code="generation_failed")
 

@@ -32,7 +32,7 @@ from mini_claude.adapters import AdapterError
 from mini_claude.engine import Completion, TextChunk
 from mini_claude.generate import SamplingParams
 from mini_claude.scheduler import RequestHandle
-from mini_claude.server.errors import APIError, generation_failed, invalid
+from mini_claude.server.errors import APIError, generation_failed, invalid, shutting_down
 from mini_claude.server.protocol import Usage, now
 from mini_claude.server.response_cache import CachedReply
 
@@ -177,7 +177,7 @@ class Generation:
             for handle in handles:
                 handle.cancel()
             if isinstance(exc, RuntimeError):  # closed while we were preparing
-                raise APIError(503, "The server is shutting down.", "server_error", code="unavailable") from None
+                raise shutting_down() from None
             if isinstance(exc, AdapterError):  # removed (`DELETE /v1/models`) since the request chose it
                 raise APIError(404, f"The model '{job.model}' has been removed.", param="model",
                                code="model_not_found") from None  # fmt: skip

@@ -35,7 +35,7 @@ from mini_claude.rag.rerank import QueryLikelihood
 from mini_claude.rag.retrieve import Hit
 from mini_claude.rag.store import CollectionError
 from mini_claude.server import tools
-from mini_claude.server.errors import APIError, invalid
+from mini_claude.server.errors import invalid, shutting_down
 from mini_claude.server.generation import Job
 from mini_claude.server.protocol import new_id
 
@@ -96,7 +96,7 @@ class RagKnowledge:
             try:
                 return scheduler.call(lambda: engine.score(ids, start=start)).result()
             except RuntimeError:
-                raise APIError(503, "The server is shutting down.", "server_error", code="unavailable") from None
+                raise shutting_down() from None
 
         return QueryLikelihood(engine.tokenizer, score)
 
