@@ -8,6 +8,7 @@ sum floats in different orders, so they agree to float32 rounding, and their int
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -227,6 +228,23 @@ def test_rms_norm_and_silu_mul_match_pytorch(isa: str, dtype: torch.dtype) -> No
     gu = torch.randn(2, 3, 64).to(dtype) * 4
     g, u = gu.float().chunk(2, dim=-1)
     torch.testing.assert_close(ext.silu_mul(gu).float(), F.silu(g) * u, rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("V", [1, 15, 16, 17, 49152 + 5])
+def test_row_argmax_is_torchs_max_and_argmax(isa: str, V: int) -> None:
+    """Exact, ties to the first index, NaN the greatest: rows with repeated maxima, -inf everywhere, a NaN
+    late in the row and one in the tail, so every vector lane and the tail mask are exercised."""
+    torch.manual_seed(11)
+    x = torch.randint(-3, 4, (6, V)).float()  # few distinct values: the maximum repeats in most rows
+    x[1] = -math.inf
+    x[2, V // 2] = math.nan
+    x[3, -1] = math.nan
+    x[4] = torch.randn(V)
+    values, indices = ext.row_argmax(x)
+    assert indices.tolist() == x.argmax(-1).tolist()
+    torch.testing.assert_close(values, x.max(-1).values, equal_nan=True, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="row_argmax"):
+        ext.row_argmax(x.to(torch.bfloat16))
 
 
 def _greedy_steps(model, prompt: list[int], steps: int, fast: bool) -> tuple[list[int], torch.Tensor]:

@@ -1,5 +1,6 @@
 // The small kernels of one decode step: attention of one new query per sequence over its cached keys, RoPE
-// with the key/value write into the cache, RMSNorm, and SwiGLU's silu(gate) * up. Each replaces a handful
+// with the key/value write into the cache, RMSNorm, SwiGLU's silu(gate) * up, and the greedy pick of the next
+// token (each row's maximum and its index). Each replaces a handful
 // of PyTorch ops (and their per-op dispatch cost, which dominates at one token per sequence) by one call.
 //
 // All arithmetic is float32; bfloat16 inputs are widened and results rounded once at the end.
@@ -422,6 +423,55 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   MC_DISPATCH_FLOAT(x.scalar_type(), "silu_mul",
                     [&] { silu_mul_rows<T>(x.data_ptr<T>(), y.data_ptr<T>(), x.numel() / two_i, two_i / 2); });
   return y;
+}
+
+namespace {
+
+// The first index of row x's maximum, NaN counting as the greatest (torch.argmax's rule).
+int64_t first_argmax(const float* x, int64_t V) {
+#ifdef MC_AVX512
+  if (!portable()) {
+    const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __m512 best = minus_inf;
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < V; i += 16) {
+      const __m512 v = _mm512_mask_loadu_ps(minus_inf, tail_mask(V - i), x + i);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      best = _mm512_max_ps(best, v);
+    }
+    if (nan == 0) {
+      const __m512 target = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+      for (int64_t i = 0; i < V; i += 16) {
+        const __mmask16 k = tail_mask(V - i);
+        const __mmask16 hit = _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, x + i), target, _CMP_EQ_OQ);
+        if (hit) return i + __builtin_ctz(hit);
+      }
+    }  // a NaN somewhere (rare): the scalar loop below finds the first one
+  }
+#endif
+  int64_t index = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    if (std::isnan(x[j])) return j;
+    if (x[j] > x[index]) index = j;
+  }
+  return index;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> row_argmax(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.size(1) > 0,
+              "row_argmax: float32 logits (rows, vocabulary) with a non-empty vocabulary");
+  const at::Tensor x = logits.contiguous();
+  const int64_t B = x.size(0), V = x.size(1);
+  at::Tensor values = at::empty({B}, x.options()), indices = at::empty({B}, x.options().dtype(at::kLong));
+  const float* px = x.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t i = first_argmax(px + b * V, V);
+    indices.data_ptr<int64_t>()[b] = i;
+    values.data_ptr<float>()[b] = px[b * V + i];
+  }
+  return {values, indices};
 }
 
 }  // namespace mini_claude

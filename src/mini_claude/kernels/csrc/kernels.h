@@ -17,6 +17,8 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MC_AVX512 1
 #include <immintrin.h>
+// The lanes of a 16-float vector that hold one of the `left` elements still to do.
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 // Most x86-64 CPUs without AVX-512 (Zen 1-3, client Intel): the low-bit kernels' integer dot products map to
 // vpmaddwd on 256-bit vectors, the same exact int16 x int16 -> int32 pair sums that vpdpwssd computes.
@@ -54,6 +56,10 @@ at::Tensor rope_kv_write(const at::Tensor& qkv, const at::Tensor& positions, con
                          const at::Tensor& block_tables, int64_t n_head, int64_t n_kv_head);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+// Each row's maximum and the first index of it (NaN counts as the greatest, as in torch.argmax), in one
+// single-threaded pass: torch's reductions over a 49k vocabulary cost 50-70 us here (a wake-up of its OpenMP
+// threads; an argmax that is not vectorized), where this takes a few.
+std::tuple<at::Tensor, at::Tensor> row_argmax(const at::Tensor& logits);
 
 // One decode step through all blocks of a Llama-style model (stack.cpp): Python builds it from the model's
 // layers (model.py, Transformer.decode_stack) and calls `forward` once per step instead of ~10 calls per block.

@@ -69,7 +69,6 @@ inline __m512 load16(const at::BFloat16* p, __mmask16 k) {
   __m256i h = _mm256_maskz_loadu_epi16(k, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 
 template <typename T>
 void quantize_rows_avx512(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t P, int16_t* q, float* sums,

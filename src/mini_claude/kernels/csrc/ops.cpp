@@ -52,6 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kv_write", &rope_kv_write);
   m.def("rms_norm", &rms_norm);
   m.def("silu_mul", &silu_mul);
+  m.def("row_argmax", &row_argmax);
   py::class_<StackLinear>(m, "StackLinear", "one linear layer of a DecodeStack: dense, int4 or int8")
       .def(py::init([](int64_t kind, at::Tensor weight, c10::optional<at::Tensor> scales,
                        c10::optional<at::Tensor> mins, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> dense,
