@@ -203,7 +203,9 @@ def test_the_knowledge_hook_grounds_the_prompt(client: TestClient, served: Engin
 
     class Sources:
         async def ground(self, collections: list[str], retrieval: Retrieval, messages: list[dict[str, str]],
-                         count: Any = None, budget: int | None = None) -> Grounding:  # fmt: skip
+                         count: Any = None, budget: int | None = None,
+                         adapter: str | None = None) -> Grounding:  # fmt: skip
+            assert adapter is None  # the agent answers with the base model, so its reranker would too
             seen.append((collections, retrieval.citations, budget))
             return Grounding([{"role": "system", "content": "[1] The grass is green."}, *messages[1:]])
 

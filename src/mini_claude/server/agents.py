@@ -57,6 +57,7 @@ class KnowledgeHook(Protocol):
     async def ground(
         self, collections: list[str], retrieval: Retrieval, messages: list[dict[str, str]],
         count: Callable[[list[dict[str, str]]], int] | None = None, budget: int | None = None,
+        adapter: str | None = None,
     ) -> Grounding: ...  # fmt: skip
 
     async def tool_round(

@@ -326,7 +326,9 @@ class ChatCompletions:
         # the sources go into the prompt, as in every other mode.
         if knowledge is not None and (knowledge[1].mode != "tool" or plan is not None):
             collections, retrieval = knowledge
-            grounding = await service.knowledge.ground(collections, retrieval, messages, count, budget)
+            grounding = await service.knowledge.ground(
+                collections, retrieval, messages, count, budget, adapter=route.adapter
+            )
             messages = grounding.messages
         return Context(messages, system, turns, history, native, grounding)
 

@@ -66,11 +66,14 @@ class RagKnowledge:
             self._knowledge = Knowledge(db, index_dir=settings.rag_index_dir, embed_precision=settings.embed_precision)
         return self._knowledge
 
-    async def search(self, collections: list[str], retrieval: Retrieval, query: str) -> list[tuple[str, Hit]]:
+    async def search(
+        self, collections: list[str], retrieval: Retrieval, query: str, adapter: str | None = None
+    ) -> list[tuple[str, Hit]]:
         """(collection, hit) pairs, best first: `retrieval.top_k` over all collections, or with `full_context`
-        every chunk of each, in document order. A 400 names the collections that do not exist."""
+        every chunk of each, in document order; `retrieval.rerank` reorders them under the answering model (the
+        base model or `adapter`). A 400 names the collections that do not exist."""
         knowledge = self.knowledge
-        reranker = self.reranker() if retrieval.rerank else None
+        reranker = self.reranker(adapter) if retrieval.rerank else None
 
         def run() -> list[tuple[str, Hit]]:
             try:
@@ -87,14 +90,16 @@ class RagKnowledge:
 
         return await self.service.db_call(run)
 
-    def reranker(self) -> QueryLikelihood:
-        """The base model as a query-likelihood reranker. Its forwards run on the scheduler's thread, between
-        generation steps (the engine is not thread-safe); the search's worker thread waits for each."""
+    def reranker(self, adapter: str | None = None) -> QueryLikelihood:
+        """The model that will answer (the base model, or with `adapter` an agent's fine-tune) as a
+        query-likelihood reranker: the passages it ranks first are the ones it reads best. Its forwards run on
+        the scheduler's thread, between generation steps (the engine is not thread-safe); the search's worker
+        thread waits for each."""
         engine, scheduler, _ = self.service.ready()
 
         def score(ids: Sequence[int], *, start: int) -> list[TokenLogprob | None]:
             try:
-                return scheduler.call(lambda: engine.score(ids, start=start)).result()
+                return scheduler.call(lambda: engine.score(ids, start=start, adapter=adapter)).result()
             except RuntimeError:
                 raise shutting_down() from None
 
@@ -102,12 +107,12 @@ class RagKnowledge:
 
     async def ground(
         self, collections: list[str], retrieval: Retrieval, messages: list[dict[str, str]], count: Count | None = None,
-        budget: int | None = None,
+        budget: int | None = None, adapter: str | None = None,
     ) -> Grounding:  # fmt: skip
         """`messages` with the best chunks for their latest user turn numbered into the system message, as many
         as fit `budget` prompt tokens (counted by `count`); the rest are reported in `Grounding.left_out`."""
         query = search_query(messages)
-        found = await self.search(collections, retrieval, query)
+        found = await self.search(collections, retrieval, query, adapter)
         return await anyio.to_thread.run_sync(lambda: rag_grounding.ground(  # counting tokenizes: off the loop
             messages, found, count=count, budget=budget, citations=retrieval.citations, refusal=retrieval.refusal,
             query=query, collections=collections, mode=retrieval.mode,
@@ -135,7 +140,7 @@ class RagKnowledge:
         if query is None:
             return Grounding(list(messages), [], [], "", list(collections), retrieval.citations, "tool",
                              "the model answered without searching")  # fmt: skip
-        found = await self.search(collections, retrieval, query)
+        found = await self.search(collections, retrieval, query, route.adapter)
         call = {"role": "assistant", "content": tools.format_call(SEARCH_TOOL["name"], {"query": query})}
 
         def render(sources: list[rag_grounding.Source]) -> list[dict[str, str]]:
