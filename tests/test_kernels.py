@@ -101,6 +101,24 @@ def test_q4_linear_matches_dequantized_matmul(isa: str, M: int, N: int, K: int, 
     torch.testing.assert_close(y_bf16.float(), y.to(dtype).float(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("M", "K"), [(1, 96), (3, 576), (2, 1536)])
+def test_q4_linear_reads_float16_scales_and_minimums_as_gguf_stores_them(isa: str, M: int, K: int) -> None:
+    """GGUF's Q4_1 blocks hold float16 d and m, which the packing keeps as float16; the kernels read them in
+    vectors of 8 or 16, so 18 blocks (K = 576, the model's width) end in a partial vector, 3 in half a pair."""
+    torch.manual_seed(K + M)
+    N, groups = 12, K // 32
+    d = (torch.rand(N, groups) * 0.1 + 0.01).half().float()
+    m = (torch.randn(N, groups) * 0.2).half().float()
+    blocks = Int4Blocks(torch.randint(0, 16, (N, K), dtype=torch.uint8), d, m + 8 * d)  # w = (q - 8) s + z
+    packed = pack_int4(blocks)
+    assert packed["scales"].dtype == packed["mins"].dtype == torch.float16
+    x = torch.randn(M, K)
+    y = ext.q4_linear(x, packed["qweight"], packed["scales"], packed["mins"], None, N, True)
+    w_hat = blocks.q.double() * d.double().repeat_interleave(32, 1) + m.double().repeat_interleave(32, 1)
+    exact = int16_rows(x, packed["qweight"].shape[1]) @ w_hat.T
+    torch.testing.assert_close(y.double(), exact, rtol=0, atol=2e-6 * exact.abs().max().item())
+
+
 @pytest.mark.parametrize(("M", "N", "K", "groups"), [(1, 8, 64, 2), (4, 20, 96, 3), (6, 16, 576, 1)])
 def test_q8_linear_matches_dequantized_matmul(isa: str, M: int, N: int, K: int, groups: int) -> None:
     torch.manual_seed(K)

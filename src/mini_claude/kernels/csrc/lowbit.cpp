@@ -111,6 +111,72 @@ void quantize_rows_avx512(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t
 }
 #endif
 
+#ifdef MC_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// One block of 32 activations -> its int16 as two vectors of 16 in natural order, and their exact sum.
+template <typename T>
+inline int32_t quantize_block8(const T* x, __m256 vinv, __m256i half[2]) {
+  __m256i v[4];
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + 8 * i), vinv));  // nearest even
+  // packs works per 128-bit lane ([a0-3, b0-3, a4-7, b4-7]); the 64-bit permute puts the halves in order.
+  half[0] = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8);
+  half[1] = _mm256_permute4x64_epi64(_mm256_packs_epi32(v[2], v[3]), 0xD8);
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  return _mm_cvtsi128_si32(t);
+}
+
+// The pair layout in 32-bit units (two int16 weights each): unit u of the low half holds even unit u / 2 of
+// block u % 2, unit u of the high half its odd unit u / 2 (see pair_slot). One permute per block and half,
+// and a blend of the two blocks' results, build each 16-lane vector of it.
+template <typename T>
+void quantize_rows_avx2(const T* x, int64_t ldx, int64_t M, int64_t K, int64_t P, int16_t* q, float* sums,
+                        float* scales) {
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i even = _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6), odd = _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7);
+  const int64_t G = 2 * P;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * ldx;
+    __m256 vmax = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8(xr + k), sign));  // K % 32 == 0
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    scales[m] = amax / 32767.f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t p = 0; p < P; ++p) {
+      __m256i half[2][2];  // [block][weights 0-15, 16-31]
+      for (int b = 0; b < 2; ++b) {
+        const int64_t k = (2 * p + b) * 32;
+        int32_t s = 0;
+        if (k < K) {
+          s = quantize_block8(xr + k, vinv, half[b]);
+        } else {
+          half[b][0] = half[b][1] = _mm256_setzero_si256();
+        }
+        sums[m * G + 2 * p + b] = static_cast<float>(s);
+      }
+      __m256i* qp = reinterpret_cast<__m256i*>(q + m * P * 64 + p * 64);
+      for (int i = 0; i < 2; ++i) {
+        const __m256i idx = i == 0 ? even : odd;
+        for (int hh = 0; hh < 2; ++hh)
+          _mm256_storeu_si256(qp + 2 * i + hh,
+                              _mm256_blend_epi32(_mm256_permutevar8x32_epi32(half[0][hh], idx),
+                                                 _mm256_permutevar8x32_epi32(half[1][hh], idx), 0xAA));
+      }
+    }
+  }
+}
+#endif
+
 struct Activations {
   std::vector<int16_t> q;
   std::vector<float> sums, scales;
@@ -132,12 +198,18 @@ Activations quantize(const at::Tensor& x, int64_t P) {
 #ifdef MC_AVX512
       if (!g_portable) return quantize_rows_avx512(px, ldx, a.M, K, P, a.q.data(), a.sums.data(), a.scales.data());
 #endif
+#ifdef MC_AVX2
+      if (!g_portable) return quantize_rows_avx2(px, ldx, a.M, K, P, a.q.data(), a.sums.data(), a.scales.data());
+#endif
       quantize_rows_portable(px, ldx, a.M, K, P, a.q.data(), a.sums.data(), a.scales.data());
     })
     AT_DISPATCH_CASE(at::kBFloat16, [&] {
       const at::BFloat16* px = x.data_ptr<at::BFloat16>();
 #ifdef MC_AVX512
       if (!g_portable) return quantize_rows_avx512(px, ldx, a.M, K, P, a.q.data(), a.sums.data(), a.scales.data());
+#endif
+#ifdef MC_AVX2
+      if (!g_portable) return quantize_rows_avx2(px, ldx, a.M, K, P, a.q.data(), a.sums.data(), a.scales.data());
 #endif
       quantize_rows_portable(px, ldx, a.M, K, P, a.q.data(), a.sums.data(), a.scales.data());
     }));
@@ -205,6 +277,29 @@ inline __m256 pair_scales8(const void* s, bool f16, int64_t i) {
   double bits;
   std::memcpy(&bits, static_cast<const float*>(s) + i, 8);
   return _mm256_castpd_ps(_mm256_set1_pd(bits));
+}
+
+// Up to 8 float16 or float32 values from element i on; lanes from `left` on are 0 and not read. A masked
+// load, not a copy through the stack: the scalar stores and the vector load of a copy stall store forwarding,
+// and every tile of a K = 576 layer (18 blocks) has such a tail. `left` is even (blocks come in pairs).
+alignas(32) constexpr int32_t kLaneMasks[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+inline __m256 load_scales8(const void* s, bool f16, int64_t i, int64_t left) {
+  if (f16) {
+    const int32_t* p = reinterpret_cast<const int32_t*>(static_cast<const uint16_t*>(s) + i);
+    const __m128i h = left >= 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                : _mm_maskload_epi32(p, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kLaneMasks + 8 - left / 2)));
+    return _mm256_cvtph_ps(h);
+  }
+  const float* p = static_cast<const float*>(s) + i;
+  return left >= 8 ? _mm256_loadu_ps(p)
+                   : _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMasks + 8 - left)));
+}
+
+// [sum v0, sum v1, sum v2, sum v3] of four 8-float vectors: three horizontal adds and one add, where four
+// separate hsum8 take twelve shuffles and adds.
+inline __m128 add_lanes4(const __m256 v[4]) {
+  const __m256 c = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
 }
 
 inline __m256i load16i(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -311,16 +406,18 @@ void tile_avx512_or_portable(const Weights& w, int64_t tile, const Activations& 
         }
       }
     }
-    for (int m = 0; m < MB; ++m) {
-      const float* xs = a.sums.data() + (m0 + m) * G;
-      for (int r = 0; r < kTile; ++r) {
-        float total = hsum8(acc[m][r]);
-        if constexpr (Q4) {
-          for (int64_t g = 0; g < G; ++g) total += scale_at(w.mins, w.f16, tile * w.m_stride + r * G + g) * xs[g];
+    if constexpr (Q4) {  // the minimums' term, sum_g m_g * xs_g, joins the lanes before they are added up
+      for (int64_t g = 0; g < G; g += 8) {
+        __m256 mins[kTile];
+        for (int r = 0; r < kTile; ++r) mins[r] = load_scales8(w.mins, w.f16, tile * w.m_stride + r * G + g, G - g);
+        for (int m = 0; m < MB; ++m) {
+          const __m256 xs = load_scales8(a.sums.data() + (m0 + m) * G, false, g, G - g);
+          for (int r = 0; r < kTile; ++r) acc[m][r] = _mm256_fmadd_ps(mins[r], xs, acc[m][r]);
         }
-        out[m][r] = total * a.scales[m0 + m];
       }
     }
+    for (int m = 0; m < MB; ++m)
+      _mm_storeu_ps(out[m], _mm_mul_ps(add_lanes4(acc[m]), _mm_set1_ps(a.scales[m0 + m])));
     return;
   }
 #endif
@@ -357,6 +454,15 @@ void tile_avx512_or_portable(const Weights& w, int64_t tile, const Activations& 
 
 template <bool Q4>
 void tile_rows(const Weights& w, int64_t tile, const Activations& a, int64_t m0, int64_t rows, float out[][kTile]) {
+#ifdef MC_AVX2
+  // 16 vector registers: the accumulators of 4 x 4 outputs alone would fill them and spill in every step (the
+  // 512-row prefill ran at a third of the 2-row speed per row), so 3 or 4 rows go as 2 + 1 or 2 + 2.
+  if (!g_portable && rows > 2) {
+    tile_avx512_or_portable<2, Q4>(w, tile, a, m0, out);
+    return rows == 3 ? tile_avx512_or_portable<1, Q4>(w, tile, a, m0 + 2, out + 2)
+                     : tile_avx512_or_portable<2, Q4>(w, tile, a, m0 + 2, out + 2);
+  }
+#endif
   switch (rows) {
     case 1: return tile_avx512_or_portable<1, Q4>(w, tile, a, m0, out);
     case 2: return tile_avx512_or_portable<2, Q4>(w, tile, a, m0, out);
@@ -373,6 +479,26 @@ bool dense_tiles(const at::Tensor& t) {
     expected *= t.size(d);
   }
   return true;
+}
+
+// y (M, N) = the tiles' outputs + bias, the tiles split among the threads.
+template <typename scalar_t, bool Q4>
+void run_tiles(const Weights& w, const Activations& a, int64_t N, int64_t T, int64_t chunk, const float* pbias,
+               scalar_t* py) {
+  const int64_t M = a.M;
+  parallel_for(T, chunk, [&](int64_t begin, int64_t end) {
+    float out[4][kTile];
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        tile_rows<Q4>(w, t, a, m0, rows, out);
+        for (int64_t m = 0; m < rows; ++m)
+          for (int r = 0; r < kTile; ++r) {
+            const int64_t n = t * kTile + r;
+            if (n < N) py[(m0 + m) * N + n] = from_float<scalar_t>(out[m][r] + (pbias ? pbias[n] : 0.f));
+          }
+      }
+  });
 }
 
 template <bool Q4>
@@ -415,37 +541,9 @@ at::Tensor lowbit_linear(const at::Tensor& x_in, const at::Tensor& qweight, cons
   const int64_t min_chunk = std::max<int64_t>(1, 65536 / (kTile * 64 * P * std::max<int64_t>(M, 1)));
   const int64_t chunk = std::max<int64_t>(min_chunk, (T + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads()));
   AT_DISPATCH_SWITCH(odt, "lowbit_linear",
-    AT_DISPATCH_CASE(at::kFloat, [&] { using scalar_t = float;
-      parallel_for(T, chunk, [&](int64_t begin, int64_t end) {
-        scalar_t* py = y.data_ptr<scalar_t>();
-        float out[4][kTile];
-        for (int64_t t = begin; t < end; ++t)
-          for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int64_t rows = std::min<int64_t>(4, M - m0);
-            tile_rows<Q4>(w, t, a, m0, rows, out);
-            for (int64_t m = 0; m < rows; ++m)
-              for (int r = 0; r < kTile; ++r) {
-                const int64_t n = t * kTile + r;
-                if (n < N) py[(m0 + m) * N + n] = from_float<scalar_t>(out[m][r] + (pbias ? pbias[n] : 0.f));
-              }
-          }
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] { using scalar_t = at::BFloat16;
-      parallel_for(T, chunk, [&](int64_t begin, int64_t end) {
-        scalar_t* py = y.data_ptr<scalar_t>();
-        float out[4][kTile];
-        for (int64_t t = begin; t < end; ++t)
-          for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int64_t rows = std::min<int64_t>(4, M - m0);
-            tile_rows<Q4>(w, t, a, m0, rows, out);
-            for (int64_t m = 0; m < rows; ++m)
-              for (int r = 0; r < kTile; ++r) {
-                const int64_t n = t * kTile + r;
-                if (n < N) py[(m0 + m) * N + n] = from_float<scalar_t>(out[m][r] + (pbias ? pbias[n] : 0.f));
-              }
-          }
-      });
+    AT_DISPATCH_CASE(at::kFloat, [&] { run_tiles<float, Q4>(w, a, N, T, chunk, pbias, y.data_ptr<float>()); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      run_tiles<at::BFloat16, Q4>(w, a, N, T, chunk, pbias, y.data_ptr<at::BFloat16>());
     }));
   std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
   shape.back() = N;
