@@ -108,7 +108,7 @@ def test_int4_layer_is_one_model_on_its_dense_and_kernel_paths() -> None:
     """The dense copy a many-row input takes is made of the int4 values, not of the original weights."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
-    layer = Q.Int4Linear.from_linear(linear)
+    layer = Q.Int4Linear.from_linear(linear, keep_dense=True)  # the default on a CPU with native bf16
     blocks = Q.Int4Blocks(*Q.quantize_int4(linear.weight.detach()))
     assert torch.equal(layer.dense, Q.dequantize_int4(blocks.q, blocks.scales, blocks.zeros).to(Q.dense_dtype()))
     x = torch.randn(Q.DENSE_ROWS + 1, 64)
@@ -193,3 +193,19 @@ def test_quantize_command_and_its_one_line_errors(tmp_path: Path, capsys: pytest
         assert err.startswith("mini-claude: error:") and message in err and "\n" not in err, (name, err)
     assert cli_main(["quantize", str(source), str(tmp_path / "z"), "--mode", "int3"]) == 2
     assert "\n" not in capsys.readouterr().err.strip()
+
+
+def test_int4_layers_keep_a_dense_copy_only_where_bf16_is_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without native bf16 the copy would be float32 (twice the bytes) and slower than our kernel for chat-sized
+    prompts, so it is dropped there when the kernels exist; the kernel path then serves every input size."""
+    linear = nn.Linear(64, 48)
+    x = torch.randn(Q.DENSE_ROWS + 5, 64)
+    for native, kernels_built in ((True, True), (False, True), (False, False)):
+        monkeypatch.setattr(Q, "dense_dtype", lambda native=native: torch.bfloat16 if native else torch.float32)
+        monkeypatch.setattr(
+            Q.kernels, "load", lambda built=kernels_built, load=Q.kernels.load: load() if built else None
+        )
+        layer = Q.Int4Linear.from_linear(linear)
+        assert (layer.dense is not None) == (native or not kernels_built)
+        if layer.dense is None:
+            torch.testing.assert_close(layer(x), torch.cat([layer(x[:4]), layer(x[4:])]), rtol=0, atol=0)

@@ -16,10 +16,11 @@ low-bit weights (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). The nume
   That is exactly GGUF's Q4_0 (z = 0) and Q4_1 (z = min + 8 s) block format, so the bundled Q4_1 model
   runs on its own quantized values, not on a re-quantization of them.
 - Low-bit matmuls win when few rows multiply the weights (decode: one row per sequence). A 500-token
-  prefill is compute-bound and runs far faster on dense bf16 weights (AMX/AVX512-BF16), so by default an
-  int4 layer also keeps a dense bf16 copy for inputs with more than `DENSE_ROWS` rows: more memory, and
-  both the first token and every next token come fast. `keep_dense=False` trades prefill speed for memory.
-  The copy is made from the int4 values, not from the original weights: the layer is one model on both
+  prefill is compute-bound and runs far faster on dense bf16 weights where the CPU multiplies bf16 natively
+  (AMX/AVX512-BF16), so there an int4 layer also keeps a dense bf16 copy for inputs with more than
+  `DENSE_ROWS` rows: more memory, and both the first token and every next token come fast. Elsewhere (AVX2)
+  the copy would be float32 and is not kept (`keeps_dense_copy`). `keep_dense=False` trades prefill speed
+  for memory. The copy is made from the int4 values, not from the original weights: the layer is one model on both
   paths (a quantized model dir, which holds only the int4 values, then loads into exactly these layers).
 - The low-bit values themselves (`Int4Blocks`, `Int8Blocks`) are plain tensors, independent of any kernel's
   packing: `quantize_weights` computes them (phase 1), `quantize_model` builds the layers from them
@@ -48,6 +49,17 @@ def dense_dtype() -> torch.dtype:
     """The dtype of an int4 layer's dense prefill copy: bf16 where the CPU multiplies it natively, else float32
     (emulated bf16 matmuls would make prefill slower than the int4 kernel itself)."""
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def keeps_dense_copy() -> bool:
+    """Whether int4 layers keep a dense copy for prefill unless told otherwise.
+
+    Yes where the CPU multiplies bf16 natively: a bf16 GEMM beats the int4 kernel from `DENSE_ROWS` rows on.
+    Without that the copy would be float32, twice bf16's bytes (about 425 MB for SmolLM2-135M, which broke the
+    1.5 GB budget of eight 1,000-token conversations), and on an AVX2-only EPYC (Zen 3, 2 threads) our int4
+    kernel was 2x faster than float32 GEMM at 32 rows, even at 128 and 1.4x slower only at 512. So with our
+    kernels the copy is dropped there; without them PyTorch's int4 kernel is far slower than a dense one."""
+    return dense_dtype() == torch.bfloat16 or kernels.load() is None
 
 
 QUANT_MODES = ("none", "int8", "int4")
@@ -312,6 +324,7 @@ class Int4Linear(_LowBitLinear):
     """int4 weights in groups of 32, plus (by default) a dense bf16 copy for inputs of many rows (prefill)."""
 
     _settings = ("kernel", "float_out", "group_size")
+    dense: Tensor | None = None  # the dense prefill copy, where one is kept (row views and fused layers too)
 
     def __init__(self, blocks: Int4Blocks, bias: Tensor | None, dense: Tensor | None = None) -> None:
         super().__init__()
@@ -330,9 +343,13 @@ class Int4Linear(_LowBitLinear):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocks: Int4Blocks | None = None, keep_dense: bool = True) -> Int4Linear:
+    def from_linear(
+        cls, linear: nn.Linear, blocks: Int4Blocks | None = None, keep_dense: bool | None = None
+    ) -> Int4Linear:
+        """`keep_dense` None: as `keeps_dense_copy()` says for this CPU."""
         blocks = blocks or Int4Blocks(*quantize_int4(linear.weight.detach()))
-        dense = dequantize_int4(blocks.q, blocks.scales, blocks.zeros) if keep_dense else None
+        keep = keeps_dense_copy() if keep_dense is None else keep_dense
+        dense = dequantize_int4(blocks.q, blocks.scales, blocks.zeros) if keep else None
         return cls(blocks, linear.bias, dense)
 
     def to_stack(self, ops: ModuleType) -> Any | None:
@@ -412,14 +429,15 @@ def quantize_model(
     model: nn.Module,
     mode: str,
     blocks: Mapping[str, QuantizedWeight] | None = None,
-    keep_dense: bool = True,
+    keep_dense: bool | None = None,
     skip: tuple[str, ...] = (),
 ) -> nn.Module:
     """Phase 2: replace every `nn.Linear` (except names in `skip`) in place; returns the model.
 
     `blocks` supplies exact low-bit values by module name (GGUF Q4_0/Q4_1 blocks as `Int4Blocks`, Q8_0 blocks as
     `Int8Blocks`, or a quantized model dir's values): a layer given values of the kind it gets is built from them
-    and nothing is re-quantized. The vocabulary head returns float32 logits. Embedding lookups stay dense. With
+    and nothing is re-quantized. int4 layers keep a dense prefill copy if `keep_dense` (None: where
+    `keeps_dense_copy()`). The vocabulary head returns float32 logits. Embedding lookups stay dense. With
     our kernels, q/k/v and gate/up then become one matmul each (`fuse_projections`).
     """
     for name, module, value in _quantized_layers(model, mode, blocks, skip):
