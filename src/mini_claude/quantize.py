@@ -57,7 +57,7 @@ def keeps_dense_copy() -> bool:
     Yes where the CPU multiplies bf16 natively: a bf16 GEMM beats the int4 kernel from `DENSE_ROWS` rows on.
     Without that the copy would be float32, twice bf16's bytes (about 425 MB for SmolLM2-135M, which broke the
     1.5 GB budget of eight 1,000-token conversations), and on an AVX2-only EPYC (Zen 3, 2 threads) our int4
-    kernel was 2x faster than float32 GEMM at 32 rows, even at 128 and 1.4x slower only at 512. So with our
+    kernel was 2x faster than float32 GEMM at 32 rows, as fast at 128, and 1.4x slower only at 512. So with our
     kernels the copy is dropped there; without them PyTorch's int4 kernel is far slower than a dense one."""
     return dense_dtype() == torch.bfloat16 or kernels.load() is None
 
@@ -321,7 +321,7 @@ class Int8Linear(_LowBitLinear):
 
 
 class Int4Linear(_LowBitLinear):
-    """int4 weights in groups of 32, plus (by default) a dense bf16 copy for inputs of many rows (prefill)."""
+    """int4 weights in groups of 32, plus (where `keeps_dense_copy()`) a dense bf16 copy for many-row inputs."""
 
     _settings = ("kernel", "float_out", "group_size")
     dense: Tensor | None = None  # the dense prefill copy, where one is kept (row views and fused layers too)
