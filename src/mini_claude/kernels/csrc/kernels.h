@@ -134,6 +134,13 @@ inline at::BFloat16 from_float<at::BFloat16>(float v) {
 }
 
 #ifdef MC_AVX2
+// 8 floats from float32 or bfloat16 (bfloat16 is the top half of a float32).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // The sum of a vector's 8 floats.
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
